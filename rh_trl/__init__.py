@@ -1,0 +1,22 @@
+"""rh_trl: reward models of every family as TRL reward functions."""
+
+from rh_trl.engines import HFEngine
+from rh_trl.formatting import ChatFormatter, RewardInputError, Sample
+from rh_trl.loading import ModelLoadError
+from rh_trl.rewards import ORM, ORMAdapter, Reward, RewardOutput, register_orm_adapter
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ORM",
+    "ChatFormatter",
+    "HFEngine",
+    "ModelLoadError",
+    "ORMAdapter",
+    "Reward",
+    "RewardInputError",
+    "RewardOutput",
+    "Sample",
+    "register_orm_adapter",
+    "__version__",
+]

@@ -1,0 +1,6 @@
+"""Engines: where the numbers are computed."""
+
+from rh_trl.engines.batching import BatchStats, deduplicate, plan_batches
+from rh_trl.engines.hf import HFEngine, read_logits
+
+__all__ = ["BatchStats", "HFEngine", "deduplicate", "plan_batches", "read_logits"]

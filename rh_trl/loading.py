@@ -1,0 +1,128 @@
+"""Loading reward models and tokenizers, with errors that say what went wrong."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?$")
+
+
+class ModelLoadError(OSError):
+    """A reward model or tokenizer could not be loaded."""
+
+
+def is_offline() -> bool:
+    return any(os.environ.get(v, "").lower() in ("1", "true", "yes") for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def check_model_source(source: str) -> None:
+    """Raise :class:`ModelLoadError` early for a source that is neither a model directory nor a hub id."""
+    path = Path(source).expanduser()
+    if path.exists():
+        if path.is_dir() and not (path / "config.json").exists():
+            raise ModelLoadError(
+                f"'{source}' is a directory but not a model: it has no config.json "
+                "(expected the output of save_pretrained)"
+            )
+        if not path.is_dir():
+            raise ModelLoadError(f"'{source}' is a file; expected a model directory (save_pretrained) or a hub id")
+        return
+    if not _HUB_ID.match(source) or source.startswith((".", "~")):
+        raise ModelLoadError(f"model path '{source}' does not exist (expected a model directory or a hub id)")
+
+
+def _explain(source: str, err: Exception, what: str) -> ModelLoadError:
+    hint = ""
+    if not Path(source).expanduser().exists():
+        hint = (
+            " It is not a local directory, so it was looked up as a hub id"
+            + (" but offline mode is on (HF_HUB_OFFLINE/TRANSFORMERS_OFFLINE)" if is_offline() else "")
+            + "; pass a local path, or download the model first."
+        )
+    return ModelLoadError(f"could not load the {what} '{source}': {err}.{hint}")
+
+
+def default_device() -> torch.device:
+    """This process's accelerator (``cuda:LOCAL_RANK``) when there is one, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> str | torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype) or dtype == "auto":
+        return dtype
+    try:
+        value = getattr(torch, dtype)
+    except AttributeError:
+        value = None
+    if not isinstance(value, torch.dtype):
+        raise ValueError(f"unknown dtype '{dtype}'; expected e.g. 'bfloat16', 'float16', 'float32' or 'auto'")
+    return value
+
+
+def load_model(
+    model: Any,
+    model_class: Any,
+    *,
+    dtype: str | torch.dtype | None = "auto",
+    device: str | torch.device | None = None,
+    device_map: Any = None,
+    trust_remote_code: bool = False,
+    **from_pretrained_kwargs: Any,
+) -> Any:
+    """Return a model: ``model`` itself when already loaded, else ``model_class.from_pretrained(model)``.
+
+    The model is placed on ``device`` (default: this process's accelerator, or the CPU) unless ``device_map``
+    is given, in which case accelerate places it.
+    """
+    if device is not None and device_map is not None:
+        raise ValueError("pass either device= or device_map=, not both")
+    if isinstance(model, str | os.PathLike):
+        source = os.fspath(model)
+        check_model_source(source)
+        kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code, **from_pretrained_kwargs}
+        if dtype is not None:
+            kwargs["dtype"] = resolve_dtype(dtype)
+        if device_map is not None:
+            kwargs["device_map"] = device_map
+        try:
+            model = model_class.from_pretrained(source, **kwargs)
+        except (OSError, ValueError) as err:
+            raise _explain(source, err, "reward model") from err
+    elif not hasattr(model, "config") or not callable(model):
+        raise TypeError(f"expected a model path, a hub id or a loaded transformers model, got {type(model).__name__}")
+    elif dtype not in (None, "auto"):
+        model = model.to(resolve_dtype(dtype))
+    if device_map is None and not getattr(model, "hf_device_map", None):
+        model = model.to(device if device is not None else default_device())
+    return model
+
+
+def load_tokenizer(tokenizer: Any, model: Any, *, trust_remote_code: bool = False) -> Any:
+    """Return ``tokenizer`` itself, or load it from ``tokenizer`` (a path) or from the model's own path."""
+    if tokenizer is None or isinstance(tokenizer, str | os.PathLike):
+        from transformers import AutoTokenizer
+
+        source = os.fspath(tokenizer) if tokenizer is not None else getattr(model, "name_or_path", "")
+        if not source:
+            raise ModelLoadError("the model was passed as an object without a path: pass its tokenizer= too")
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+        except (OSError, ValueError) as err:
+            raise _explain(source, err, "tokenizer") from err
+    return tokenizer
+
+
+def padding_id(tokenizer: Any) -> int:
+    """The id to pad batches with: the pad token, else EOS, else UNK (the tokenizer is left unchanged)."""
+    for attr in ("pad_token_id", "eos_token_id", "unk_token_id"):
+        value = getattr(tokenizer, attr, None)
+        if isinstance(value, int):
+            return value
+    raise ValueError("the tokenizer has no pad, EOS or UNK token to pad batches with; set tokenizer.pad_token")

@@ -1,0 +1,201 @@
+"""The reward contract: every rh_trl reward is a TRL reward function.
+
+    reward(prompts, completions, completion_ids=None, **kwargs) -> list[float | None]
+
+A :class:`Reward` takes TRL's standard (strings) and conversational (message lists) formats, returns one value per
+completion in order (``None`` = no reward for that sample; TRL turns it into NaN and leaves it out), has a stable
+``__name__`` under which TRL logs it, ignores keyword arguments it does not use, and reports per-call statistics
+through TRL's ``log_metric`` when the trainer passes it. ``reward.score(prompts, completions)`` gives the same
+numbers outside any trainer.
+
+A reward is deliberately *not* an ``nn.Module``: TRL routes modules to its own built-in reward-model path.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from rh_trl.formatting import RewardInputError, Sample, check_batch, to_sample
+from rh_trl.stats import summarize
+
+logger = logging.getLogger("rh_trl")
+
+_names_lock = threading.Lock()
+_names_taken: Counter[str] = Counter()
+
+
+def unique_name(base: str) -> str:
+    """A readable metric name, made unique within the process (``orm_x``, ``orm_x_2``, …).
+
+    TRL merges the metrics of rewards that share a ``__name__``, so every instance gets its own. Names depend only
+    on construction order, so they are the same from run to run.
+    """
+    base = re.sub(r"[^A-Za-z0-9_.-]+", "_", base).strip("_") or "reward"
+    with _names_lock:
+        _names_taken[base] += 1
+        n = _names_taken[base]
+    return base if n == 1 else f"{base}_{n}"
+
+
+@dataclass
+class RewardOutput:
+    """What a reward computes for one call.
+
+    Attributes:
+        rewards: one value per sample, ``None`` where there is no reward.
+        counts: event counts to log (e.g. ``{"truncated": 3}``), reported as ``<name>/num_<key>``.
+        extra: columns for TRL's completions table (one value per sample), passed to ``log_extra``.
+    """
+
+    rewards: list[float | None]
+    counts: dict[str, int] = field(default_factory=dict)
+    extra: dict[str, list[Any]] = field(default_factory=dict)
+
+
+@dataclass
+class Batch:
+    """A validated call: samples (``None`` where a pair could not be read), raw inputs and dataset columns."""
+
+    samples: list[Sample | None]
+    prompts: Sequence[Any]
+    completions: Sequence[Any]
+    completion_ids: Sequence[Sequence[int]] | None
+    columns: dict[str, Any]
+    errors: list[str | None]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+
+class Reward(ABC):
+    """Base class of every rh_trl reward.
+
+    Subclasses implement :meth:`compute`. The base class validates the call, normalizes the two TRL formats
+    (a sample that cannot be read becomes ``None`` and is counted, unless ``strict``), times the call, and
+    reports statistics.
+
+    Args:
+        name: the ``__name__`` TRL logs this reward under (default: derived from the model, made unique).
+        strict: raise on a malformed sample instead of giving it ``None``.
+        text_as_chat: render standard-format strings as a user turn and an assistant turn.
+        log_stats: send per-call statistics to ``log_metric`` when the trainer provides it.
+    """
+
+    #: kwargs TRL passes that are not dataset columns
+    TRAINER_KWARGS = ("trainer_state", "log_metric", "log_extra", "environments")
+
+    def __init__(
+        self,
+        *,
+        name: str | None = None,
+        default_name: str = "reward",
+        strict: bool = False,
+        text_as_chat: bool = False,
+        log_stats: bool = True,
+    ) -> None:
+        self.__name__ = name if name is not None else unique_name(default_name)
+        self.strict = strict
+        self.text_as_chat = text_as_chat
+        self.log_stats = log_stats
+        self.last_stats: dict[str, float] = {}
+
+    # -- the TRL entry point ----------------------------------------------------------------------------------
+
+    def __call__(
+        self,
+        prompts: Sequence[Any],
+        completions: Sequence[Any],
+        completion_ids: Sequence[Sequence[int]] | None = None,
+        **kwargs: Any,
+    ) -> list[float | None]:
+        log_metric: Callable[[str, float], None] | None = kwargs.pop("log_metric", None)
+        log_extra: Callable[[str, list], None] | None = kwargs.pop("log_extra", None)
+        for key in self.TRAINER_KWARGS:
+            kwargs.pop(key, None)
+        start = time.perf_counter()
+        batch = self._make_batch(prompts, completions, completion_ids, kwargs)
+        output = self._compute_checked(batch)
+        self._report(output, batch, time.perf_counter() - start, log_metric, log_extra)
+        return output.rewards
+
+    def score(self, prompts: Sequence[Any], completions: Sequence[Any], **columns: Any) -> list[float | None]:
+        """Score prompt/completion pairs outside a trainer (same numbers as calling the reward)."""
+        return self(prompts, completions, **columns)
+
+    # -- what subclasses implement ----------------------------------------------------------------------------
+
+    @abstractmethod
+    def compute(self, batch: Batch) -> RewardOutput:
+        """Compute one value per sample of ``batch`` (``batch.samples[i] is None`` → reward ``None``)."""
+
+    # -- internals --------------------------------------------------------------------------------------------
+
+    def _make_batch(
+        self,
+        prompts: Sequence[Any],
+        completions: Sequence[Any],
+        completion_ids: Sequence[Sequence[int]] | None,
+        columns: dict[str, Any],
+    ) -> Batch:
+        try:
+            check_batch(prompts, completions)
+        except RewardInputError as err:
+            raise RewardInputError(f"{self.__name__}: {err}") from None
+        samples: list[Sample | None] = []
+        errors: list[str | None] = []
+        for i, (p, c) in enumerate(zip(prompts, completions, strict=True)):
+            try:
+                samples.append(to_sample(p, c, self.text_as_chat))
+                errors.append(None)
+            except RewardInputError as err:
+                if self.strict:
+                    raise RewardInputError(f"{self.__name__}: sample {i}: {err}") from None
+                samples.append(None)
+                errors.append(str(err))
+        return Batch(samples, prompts, completions, completion_ids, columns, errors)
+
+    def _compute_checked(self, batch: Batch) -> RewardOutput:
+        output = self.compute(batch)
+        if len(output.rewards) != len(batch):
+            raise RuntimeError(
+                f"{self.__name__} computed {len(output.rewards)} rewards for {len(batch)} samples (a bug in rh_trl)"
+            )
+        bad = [i for i, e in enumerate(batch.errors) if e is not None]
+        if bad:
+            output.counts["invalid"] = output.counts.get("invalid", 0) + len(bad)
+            logger.warning(
+                "%s: %d sample(s) could not be read and get no reward (first, sample %d: %s)",
+                self.__name__,
+                len(bad),
+                bad[0],
+                batch.errors[bad[0]],
+            )
+        return output
+
+    def _report(
+        self,
+        output: RewardOutput,
+        batch: Batch,
+        seconds: float,
+        log_metric: Callable[[str, float], None] | None,
+        log_extra: Callable[[str, list], None] | None,
+    ) -> None:
+        stats = summarize(output.rewards)
+        stats["seconds"] = seconds
+        for key, n in output.counts.items():
+            stats[f"num_{key}"] = float(n)
+        self.last_stats = stats
+        if log_metric is not None and self.log_stats:
+            for key, value in stats.items():
+                log_metric(f"{self.__name__}/{key}", value)
+        if log_extra is not None:
+            for column, values in output.extra.items():
+                log_extra(f"{self.__name__}/{column}", values)
