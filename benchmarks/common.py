@@ -1,0 +1,87 @@
+"""Shared pieces of the benchmarks: synthetic GRPO-like batches and peak-memory measurement."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rh_trl.testing import bundled_prompts
+
+
+def lognormal_lengths(n: int, median: int, max_len: int, sigma: float = 0.9, seed: int = 0) -> list[int]:
+    """``n`` completion lengths, lognormal around ``median``, clipped to ``[16, max_len]``; the longest is set
+    to ``max_len`` so every batch has the long straggler that GRPO batches have."""
+    rng = random.Random(seed)
+    lengths = [min(max_len, max(16, round(rng.lognormvariate(math.log(median), sigma)))) for _ in range(n)]
+    lengths[max(range(n), key=lengths.__getitem__)] = max_len
+    return lengths
+
+
+def synthetic_completions(tokenizer: Any, lengths: list[int], seed: int = 0) -> list[str]:
+    """One text per requested length, of exactly that many tokens for byte-level BPE tokenizers: words drawn
+    from the bundled prompts, each a whole number of tokens after a space."""
+    rng = random.Random(seed)
+    words = sorted(
+        {w for row in bundled_prompts() for m in row["prompt"] for w in m["content"].split() if w.isalpha()}
+    )
+    cost = {w: len(tokenizer(" " + w, add_special_tokens=False)["input_ids"]) for w in words}
+    texts = []
+    for n in lengths:
+        parts, used = [], 0
+        while used < n:
+            word = rng.choice(words)
+            parts.append(" " + word)
+            used += cost[word]
+        texts.append("".join(parts))
+    return texts
+
+
+def conversational_batch(tokenizer: Any, lengths: list[int], group_size: int = 8, seed: int = 0):
+    """TRL conversational prompts (each repeated ``group_size`` times, as GRPO does) and completions."""
+    rows = bundled_prompts()
+    prompts = [rows[(i // group_size) % len(rows)]["prompt"] for i in range(len(lengths))]
+    completions = [
+        [{"role": "assistant", "content": t}] for t in synthetic_completions(tokenizer, lengths, seed)
+    ]
+    return prompts, completions
+
+
+@dataclass
+class Measured:
+    value: Any
+    seconds: float
+    peak_mb: float
+
+
+def _rss_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+def measure(fn: Callable[[], Any], device: torch.device) -> Measured:
+    """Run ``fn`` once; wall time and peak memory above the starting point (GPU: allocated; CPU: resident)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+    else:
+        with contextlib.suppress(OSError):  # reset the resident-set high-water mark (Linux)
+            Path("/proc/self/clear_refs").write_text("5")
+        base = _rss_kb("VmRSS") * 1024
+    start = time.perf_counter()
+    value = fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else _rss_kb("VmHWM") * 1024
+    return Measured(value, seconds, max(0, peak - base) / 2**20)
