@@ -154,3 +154,22 @@ def tiny_causal_lm(tokenizer: Any, seed: int = 0, **config: Any) -> Any:
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.bos_token_id = tokenizer.bos_token_id
     return model
+
+
+def tiny_model(name: str, seed: int = 0) -> tuple[Any, Any]:
+    """A named tiny offline model and its tokenizer, for configs that must run without any download.
+
+    ``"tiny-rm"``: a sequence-classification RM with a ChatML tokenizer; ``"tiny-policy"``: a causal LM with the
+    Llama-style tokenizer; ``"tiny-lm-chatml"``: a causal LM with the ChatML tokenizer (e.g. a second model
+    whose tokenizer differs from the policy's).
+    """
+    if name == "tiny-rm":
+        tokenizer = bpe_tokenizer("chatml", vocab_size=400)
+        return tiny_reward_model(tokenizer, seed=seed + 1), tokenizer
+    if name == "tiny-policy":
+        tokenizer = bpe_tokenizer("llama")
+        return tiny_causal_lm(tokenizer, seed=seed), tokenizer
+    if name == "tiny-lm-chatml":
+        tokenizer = bpe_tokenizer("chatml", vocab_size=400)
+        return tiny_causal_lm(tokenizer, seed=seed + 2), tokenizer
+    raise ValueError(f"unknown tiny model '{name}'; known: ['tiny-lm-chatml', 'tiny-policy', 'tiny-rm']")
