@@ -173,3 +173,27 @@ def tiny_model(name: str, seed: int = 0) -> tuple[Any, Any]:
         tokenizer = bpe_tokenizer("chatml", vocab_size=400)
         return tiny_causal_lm(tokenizer, seed=seed + 2), tokenizer
     raise ValueError(f"unknown tiny model '{name}'; known: ['tiny-lm-chatml', 'tiny-policy', 'tiny-rm']")
+
+
+def synthetic_preferences(n: int = 64, seed: int = 0) -> list[dict[str, Any]]:
+    """Preference pairs in TRL's conversational format with an easy signal: the chosen reply answers with the
+    prompt's own words, the rejected one is a curt refusal. For CI runs of the training recipes."""
+    import random
+
+    rng = random.Random(seed)
+    refusals = ["I don't know.", "No.", "Ask someone else.", "Not sure, sorry."]
+    rows = []
+    prompts = bundled_prompts()
+    for i in range(n):
+        prompt = prompts[i % len(prompts)]["prompt"]
+        words = prompt[-1]["content"].rstrip("?.!").split()
+        rng.shuffle(words)
+        chosen = "Sure. " + " ".join(words) + "."
+        rows.append(
+            {
+                "prompt": prompt,
+                "chosen": [{"role": "assistant", "content": chosen}],
+                "rejected": [{"role": "assistant", "content": rng.choice(refusals)}],
+            }
+        )
+    return rows
