@@ -3,12 +3,13 @@
 from rh_trl.engines import HFEngine
 from rh_trl.formatting import ChatFormatter, RewardInputError, Sample
 from rh_trl.loading import ModelLoadError
-from rh_trl.rewards import ORM, ORMAdapter, Reward, RewardOutput, register_orm_adapter
+from rh_trl.rewards import ORM, PRM, ORMAdapter, Reward, RewardOutput, register_orm_adapter
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ORM",
+    "PRM",
     "ChatFormatter",
     "HFEngine",
     "ModelLoadError",

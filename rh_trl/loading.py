@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
@@ -135,3 +136,23 @@ def padding_id(tokenizer: Any) -> int:
     raise ValueError(
         "the tokenizer has no pad, EOS or UNK token to pad batches with; set tokenizer.pad_token"
     )
+
+
+def config_dict(model: Any) -> dict[str, Any]:
+    """The model's config as a plain dict, read without running any remote code."""
+    if isinstance(model, str | os.PathLike):
+        path = Path(model).expanduser() / "config.json"
+        if path.exists():
+            return json.loads(path.read_text())
+        try:  # a hub id: only the config file is fetched
+            from transformers import PretrainedConfig
+
+            return PretrainedConfig.get_config_dict(os.fspath(model))[0]
+        except (OSError, ValueError):
+            return {}  # load_model raises the explanatory error
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "to_dict"):
+        raise TypeError(
+            f"expected a model path, a hub id or a loaded transformers model, got {type(model).__name__}"
+        )
+    return config.to_dict()

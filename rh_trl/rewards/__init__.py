@@ -3,5 +3,18 @@
 from rh_trl.rewards.adapters import ORM_ADAPTERS, ORMAdapter, register_orm_adapter
 from rh_trl.rewards.base import Batch, Reward, RewardOutput
 from rh_trl.rewards.orm import ORM
+from rh_trl.rewards.prm import PRM
+from rh_trl.rewards.prm_steps import AGGREGATIONS, split_steps
 
-__all__ = ["ORM", "ORM_ADAPTERS", "ORMAdapter", "Batch", "Reward", "RewardOutput", "register_orm_adapter"]
+__all__ = [
+    "AGGREGATIONS",
+    "ORM",
+    "ORM_ADAPTERS",
+    "PRM",
+    "Batch",
+    "ORMAdapter",
+    "Reward",
+    "RewardOutput",
+    "register_orm_adapter",
+    "split_steps",
+]

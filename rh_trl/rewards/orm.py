@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -13,33 +11,13 @@ import torch
 
 from rh_trl.engines.hf import HFEngine
 from rh_trl.formatting import ChatFormatter, Encoded, RewardInputError
-from rh_trl.loading import load_model, load_tokenizer, padding_id
+from rh_trl.loading import config_dict, load_model, load_tokenizer, padding_id
 from rh_trl.rewards.adapters import DEFAULT_ADAPTER, ORMAdapter, adapter_for, get_orm_adapter
 from rh_trl.rewards.base import Batch, Reward, RewardOutput
 
 logger = logging.getLogger("rh_trl")
 
 Transform = Literal["none", "sigmoid", "softmax"]
-
-
-def _config_dict(model: Any) -> dict[str, Any]:
-    """The model's config as a plain dict, read without running any remote code."""
-    if isinstance(model, str | os.PathLike):
-        path = Path(model).expanduser() / "config.json"
-        if path.exists():
-            return json.loads(path.read_text())
-        try:  # a hub id: only the config file is fetched
-            from transformers import PretrainedConfig
-
-            return PretrainedConfig.get_config_dict(os.fspath(model))[0]
-        except (OSError, ValueError):
-            return {}  # load_model raises the explanatory error
-    config = getattr(model, "config", None)
-    if config is None or not hasattr(config, "to_dict"):
-        raise TypeError(
-            f"expected a model path, a hub id or a loaded transformers model, got {type(model).__name__}"
-        )
-    return config.to_dict()
 
 
 class ORM(Reward):
@@ -98,7 +76,7 @@ class ORM(Reward):
             raise ValueError(f"transform must be 'none', 'sigmoid' or 'softmax', got {transform!r}")
         if output_index is not None and output_weights is not None:
             raise ValueError("pass output_index or output_weights, not both")
-        config = _config_dict(model)
+        config = config_dict(model)
         self.adapter = (
             get_orm_adapter(adapter) if isinstance(adapter, str) else (adapter or adapter_for(config))
         )

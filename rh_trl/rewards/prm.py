@@ -1,0 +1,377 @@
+"""Process reward models: a score for every step of a response, aggregated into one reward.
+
+Three families (``kind=``), each laid out as its public checkpoints were trained (see
+:mod:`rh_trl.rewards.prm_layout`):
+
+* ``"separator"`` — a token-classification head read at a separator token placed after every step
+  (Qwen/Qwen2.5-Math-PRM-7B: ``<extra_0>``, the Qwen math system prompt); step score = softmax(2 logits)[1].
+* ``"next_token"`` — a causal LM judging each step in a chat: the steps are user turns, each answered by an
+  assistant ``"+"`` (RLHFlow/Llama3.1-8B-PRM-Deepseek-Data); step score = P("+") / (P("+") + P("-")) at the
+  position predicting that ``"+"``. All steps of a sample come from ONE forward pass.
+* ``"step_tag"`` — a causal LM with a tag token after every step (Math-Shepherd: ``ки``); step score =
+  P("+") / (P("+") + P("-")) from the logits AT the tag token.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+
+from rh_trl.engines.hf import HFEngine
+from rh_trl.engines.vllm_pooling import VLLMTokenClassifier
+from rh_trl.formatting import RewardInputError
+from rh_trl.loading import config_dict, load_model, load_tokenizer, padding_id
+from rh_trl.rewards.base import Batch, Reward, RewardOutput
+from rh_trl.rewards.prm_layout import (
+    KINDS,
+    Kind,
+    Layout,
+    StepLocateError,
+    StepSequence,
+    TooLongError,
+    encode,
+)
+from rh_trl.rewards.prm_steps import get_aggregation, split_steps
+
+logger = logging.getLogger("rh_trl")
+
+QWEN_MATH_SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
+
+#: per-kind defaults: (marker of each step, system prompt)
+DEFAULTS: dict[str, dict[str, Any]] = {
+    "separator": {"step_token": "<extra_0>", "system_prompt": QWEN_MATH_SYSTEM_PROMPT},
+    "next_token": {"step_token": None, "system_prompt": None},
+    "step_tag": {"step_token": "ки", "system_prompt": None},
+}
+
+
+def single_token_id(tokenizer: Any, text: str, role: str) -> int:
+    """The id of ``text`` as one token of ``tokenizer``, or a ValueError naming the token."""
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    if len(ids) == 1:
+        return int(ids[0])
+    vocab_id = tokenizer.convert_tokens_to_ids(text)
+    if isinstance(vocab_id, int) and vocab_id != getattr(tokenizer, "unk_token_id", None) and vocab_id >= 0:
+        return vocab_id
+    raise ValueError(
+        f"the reward model's tokenizer has no single token for the {role} {text!r} (it encodes to {ids}); "
+        f"expected a tokenizer that has {text!r} in its vocabulary"
+    )
+
+
+def read_classes(outputs: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Token-classification logits ``[batch, seq, num_labels]`` (``outputs.logits`` or ``outputs[0]``)."""
+    logits = getattr(outputs, "logits", None)
+    return logits if logits is not None else outputs[0]
+
+
+class PairLogitsModel(torch.nn.Module):
+    """A causal LM that computes only the logits of two tokens (``[batch, seq, 2]``) from its last hidden state.
+
+    Equal to ``model(...).logits[..., token_ids]`` for heads that are a plain linear layer, without building
+    (and moving) a full vocabulary row for every position.
+    """
+
+    def __init__(self, model: Any, token_ids: Sequence[int]) -> None:
+        super().__init__()
+        self.model = model
+        self.token_ids = list(token_ids)
+
+    @staticmethod
+    def supports(model: Any) -> bool:
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        config = getattr(model, "config", None)
+        scaled = any(
+            getattr(config, attr, None) not in (None, 1.0)
+            for attr in (
+                "final_logit_softcapping",
+                "logit_scale",
+                "logits_scaling",
+                "output_multiplier_scale",
+            )
+        )
+        base = getattr(model, "base_model", None)
+        return isinstance(head, torch.nn.Linear) and base is not None and base is not model and not scaled
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, use_cache: bool = False) -> Any:
+        hidden = self.model.base_model(
+            input_ids=input_ids, attention_mask=attention_mask, use_cache=use_cache
+        ).last_hidden_state
+        head = self.model.get_output_embeddings()
+        bias = None if head.bias is None else head.bias[self.token_ids]
+        return SimpleNamespace(logits=torch.nn.functional.linear(hidden, head.weight[self.token_ids], bias))
+
+
+class PRM(Reward):
+    """A process reward model as a TRL reward function.
+
+    The response is split into steps (``step_separator``, default ``"\\n\\n"``; steps are stripped, empty ones
+    dropped), each step is scored by the model, and the step scores are aggregated into the reward
+    (``aggregation``: ``"min"`` (default), ``"last"``, ``"mean"``, ``"prod"``, ``"geometric_mean"``). A response
+    with no steps gets ``None`` (counted as ``num_no_steps``). Per-step scores go to TRL's completions table
+    (column ``<name>/steps``) and are returned by :meth:`score_steps`.
+
+    Args:
+        model: model directory, hub id, or a loaded model (``separator``: a token-classification model with 2
+            labels, e.g. ``AutoModel`` with the checkpoint's code for Qwen2.5-Math-PRM; other kinds: a causal LM).
+        tokenizer: the PRM's tokenizer (object or path); by default loaded from ``model``. Must be a fast
+            tokenizer (steps are located from character offsets).
+        kind: ``"separator"``, ``"next_token"`` or ``"step_tag"`` (see the module docstring).
+        step_separator: how the response is cut into steps.
+        step_token: the token placed after each step (``separator``: ``"<extra_0>"``; ``step_tag``: ``"ки"``).
+        good_token, bad_token: the judgement tokens (``next_token``/``step_tag``; default ``"+"``/``"-"``).
+        system_prompt: system message of the chat layouts (``separator`` default: Qwen's math prompt, replacing the
+            prompt's own system messages; ``None``/``False`` keeps the prompt as it is).
+        aggregation: how step scores become the reward.
+        max_length: longest input; longer samples lose prompt tokens from the left (counted as ``num_truncated``);
+            a sample whose steps alone do not fit gets ``None`` (``num_too_long``) — steps are never cut.
+        engine: ``"hf"`` (local transformers), ``"vllm"`` (``separator`` only: in-process vLLM pooling), or a
+            :class:`~rh_trl.engines.vllm_pooling.VLLMTokenClassifier`.
+        vllm_kwargs: passed to ``vllm.LLM`` with ``engine="vllm"``.
+        chat_template, chat_template_kwargs: replace the tokenizer's template / pass arguments to it.
+        name, strict, progress, device, device_map, dtype, max_tokens_per_batch, max_batch_size,
+            trust_remote_code: as for :class:`~rh_trl.rewards.orm.ORM`.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any = None,
+        *,
+        kind: Kind = "separator",
+        step_separator: str = "\n\n",
+        step_token: str | None = None,
+        good_token: str = "+",
+        bad_token: str = "-",
+        system_prompt: str | bool | None = True,
+        aggregation: str = "min",
+        max_length: int | None = None,
+        engine: str | VLLMTokenClassifier = "hf",
+        vllm_kwargs: dict[str, Any] | None = None,
+        name: str | None = None,
+        max_tokens_per_batch: int = 16384,
+        max_batch_size: int | None = None,
+        device: str | torch.device | None = None,
+        device_map: Any = None,
+        dtype: str | torch.dtype | None = "auto",
+        chat_template: str | None = None,
+        chat_template_kwargs: dict[str, Any] | None = None,
+        trust_remote_code: bool = False,
+        progress: bool = False,
+        strict: bool = False,
+    ) -> None:
+        if kind not in KINDS:
+            raise ValueError(f"unknown PRM kind {kind!r}; expected one of {list(KINDS)}")
+        self.kind = kind
+        self.aggregate = get_aggregation(aggregation)
+        self.aggregation = aggregation
+        split_steps("", step_separator)  # validates the separator
+        self.step_separator = step_separator
+        if max_length is not None and max_length < 2:
+            raise ValueError(f"max_length must be at least 2 tokens, got {max_length}")
+        self.max_length = max_length
+        use_vllm = not (isinstance(engine, str) and engine == "hf")
+        if isinstance(engine, str) and engine not in ("hf", "vllm"):
+            raise ValueError(f"engine must be 'hf', 'vllm' or a VLLMTokenClassifier, got {engine!r}")
+        if use_vllm and kind != "separator":
+            raise ValueError(f"engine='vllm' serves kind='separator' PRMs only, not kind={kind!r}")
+
+        config = config_dict(model)
+        remote = trust_remote_code or "Qwen2ForProcessRewardModel" in (config.get("architectures") or [])
+        if use_vllm:
+            if isinstance(engine, VLLMTokenClassifier):
+                self.vllm = engine
+            else:
+                if not isinstance(model, str):
+                    raise ValueError("engine='vllm' needs the model as a path or hub id, not a loaded model")
+                self.vllm = VLLMTokenClassifier(model, trust_remote_code=remote, **(vllm_kwargs or {}))
+            self.model = None
+            source = getattr(model, "name_or_path", model)
+            self.tokenizer = load_tokenizer(tokenizer if tokenizer is not None else source, None)
+            model_name = Path(str(source)).name
+        else:
+            self.vllm = None
+            self.model = load_model(
+                model,
+                self._model_class(config),
+                dtype=dtype,
+                device=device,
+                device_map=device_map,
+                trust_remote_code=remote,
+            )
+            self.tokenizer = load_tokenizer(tokenizer, self.model, trust_remote_code=remote)
+            model_name = Path(str(getattr(self.model, "name_or_path", "") or "model")).name
+        super().__init__(name=name, default_name=f"prm_{model_name}", strict=strict)
+
+        if not getattr(self.tokenizer, "is_fast", False):
+            raise ValueError("PRM needs a fast tokenizer (steps are located from character offsets)")
+        self.layout = self._layout(step_token, good_token, bad_token, system_prompt, chat_template,
+                                   chat_template_kwargs)  # fmt: skip
+        if kind != "separator":
+            self.judgement_ids = [
+                single_token_id(self.tokenizer, good_token, "good-step token"),
+                single_token_id(self.tokenizer, bad_token, "bad-step token"),
+            ]
+        if self.model is not None:
+            self._build_engine(max_tokens_per_batch, max_batch_size, progress)
+
+    # -- construction helpers ------------------------------------------------------------------------------
+
+    def _model_class(self, config: dict[str, Any]) -> Any:
+        from transformers import AutoModel, AutoModelForCausalLM, AutoModelForTokenClassification
+
+        if self.kind != "separator":
+            return AutoModelForCausalLM
+        archs = config.get("architectures") or []
+        if any(a.endswith("ForTokenClassification") for a in archs):
+            return AutoModelForTokenClassification
+        return AutoModel  # custom-code PRMs (Qwen2ForProcessRewardModel) register under AutoModel
+
+    def _layout(
+        self,
+        step_token: str | None,
+        good_token: str,
+        bad_token: str,
+        system_prompt: str | bool | None,
+        chat_template: str | None,
+        chat_template_kwargs: dict[str, Any] | None,
+    ) -> Layout:
+        defaults = DEFAULTS[self.kind]
+        if system_prompt is True:
+            system = defaults["system_prompt"]
+        elif system_prompt is False:
+            system = None
+        else:
+            system = system_prompt
+        if self.kind == "next_token":
+            marker = good_token
+            role = "good-step token"
+        else:
+            marker = step_token if step_token is not None else defaults["step_token"]
+            role = "step separator token" if self.kind == "separator" else "step tag token"
+        marker_id = single_token_id(self.tokenizer, marker, role)
+        template = chat_template or getattr(self.tokenizer, "chat_template", None) or None
+        if self.kind != "step_tag" and template is None:
+            raise ValueError(
+                f"kind={self.kind!r} renders a chat with the PRM's chat template, but its tokenizer has none; "
+                "pass chat_template='…'"
+            )
+        return Layout(
+            self.kind,
+            marker,
+            marker_id,
+            system,
+            template,
+            tuple(sorted((chat_template_kwargs or {}).items())),
+        )
+
+    def _build_engine(self, max_tokens_per_batch: int, max_batch_size: int | None, progress: bool) -> None:
+        model = self.model
+        if getattr(model.config, "pad_token_id", None) is None:
+            model.config.pad_token_id = padding_id(self.tokenizer)
+        pad = model.config.pad_token_id
+        if self.kind == "separator":
+            self.read = read_classes
+            runner = model
+        elif PairLogitsModel.supports(model):
+            self.read = read_classes
+            runner = PairLogitsModel(model, self.judgement_ids)
+        else:
+            ids = self.judgement_ids
+            self.read = lambda outputs, input_ids, mask: outputs.logits[..., ids]
+            runner = model
+        self.engine = HFEngine(runner, pad, max_tokens_per_batch, max_batch_size, progress=progress)
+
+    # -- scoring ----------------------------------------------------------------------------------------------
+
+    def steps_of(self, response: str) -> list[str]:
+        """The steps of a response (the step marker is removed from step text so it cannot add steps)."""
+        steps = split_steps(response, self.step_separator)
+        if self.kind != "next_token":
+            steps = [s for s in (step.replace(self.layout.marker, "").strip() for step in steps) if s]
+        return steps
+
+    def encode(self, batch: Batch) -> tuple[list[StepSequence | None], dict[str, int], list[str]]:
+        """Tokenize every readable sample; failures are ``None`` with a count and a message."""
+        cache: dict[str, StepSequence | str] = {}
+        out: list[StepSequence | None] = []
+        counts = {"no_steps": 0, "render_failed": 0, "steps_not_located": 0, "too_long": 0, "truncated": 0}
+        messages: list[str] = []
+        for i, sample in enumerate(batch.samples):
+            if sample is None:
+                out.append(None)
+                continue
+            steps = self.steps_of(sample.response_text)
+            if not steps:
+                counts["no_steps"] += 1
+                out.append(None)
+                continue
+            key = sample.key()
+            if key not in cache:
+                try:
+                    cache[key] = encode(self.tokenizer, self.layout, sample, steps, self.max_length)
+                except (StepLocateError, TooLongError) as err:
+                    cache[key] = "too_long" if isinstance(err, TooLongError) else "steps_not_located"
+                    messages.append(f"sample {i}: {err}")
+                except Exception as err:  # a template error on one sample must not stop training
+                    cache[key] = "render_failed"
+                    messages.append(f"sample {i}: {type(err).__name__}: {err}")
+            value = cache[key]
+            if isinstance(value, str):
+                if self.strict:
+                    raise RewardInputError(f"{self.__name__}: {messages[-1]}")
+                counts[value] += 1
+                out.append(None)
+            else:
+                counts["truncated"] += int(value.truncated)
+                out.append(value)
+        return out, counts, messages
+
+    def step_scores(self, sequences: list[StepSequence]) -> list[list[float]]:
+        """The score of every step of every sequence."""
+        ids = [s.input_ids for s in sequences]
+        if self.vllm is not None:
+            positions = [s.positions for s in sequences]
+            return self.vllm.score_steps(ids, positions, self.layout.marker_id)
+        rows = self.engine.run(ids, self.read)
+        scores = []
+        for seq, row in zip(sequences, rows, strict=True):
+            probs = row[seq.positions].float().softmax(-1)  # [steps, 2]
+            scores.append([float(p) for p in probs[:, 1 if self.kind == "separator" else 0]])
+        return scores
+
+    def _score(self, batch: Batch) -> tuple[list[list[float] | None], dict[str, int]]:
+        encoded, counts, messages = self.encode(batch)
+        if messages:
+            logger.warning(
+                "%s: %d sample(s) get no reward (first, %s)", self.__name__, len(messages), messages[0]
+            )
+        if counts["truncated"]:
+            logger.info(
+                "%s: %d sample(s) lost prompt tokens from the left (max_length=%s)",
+                self.__name__,
+                counts["truncated"],
+                self.max_length,
+            )
+        todo = [i for i, e in enumerate(encoded) if e is not None]
+        steps: list[list[float] | None] = [None] * len(batch)
+        for i, s in zip(todo, self.step_scores([encoded[i] for i in todo]), strict=True):  # type: ignore[misc]
+            steps[i] = s
+        return steps, counts
+
+    def compute(self, batch: Batch) -> RewardOutput:
+        steps, counts = self._score(batch)
+        rewards = [None if s is None else float(self.aggregate(s)) for s in steps]
+        return RewardOutput(rewards, counts, {"steps": steps})
+
+    def score_steps(
+        self, prompts: Sequence[Any], completions: Sequence[Any], **columns: Any
+    ) -> list[list[float] | None]:
+        """The score of every step of every completion (``None`` where a completion gets no reward)."""
+        batch = self._make_batch(prompts, completions, None, columns)
+        return self._score(batch)[0]
