@@ -1,15 +1,18 @@
 """rh_trl: reward models of every family as TRL reward functions."""
 
 from rh_trl.engines import HFEngine
+from rh_trl.engines.http import RetryPolicy
 from rh_trl.formatting import ChatFormatter, RewardInputError, Sample
 from rh_trl.loading import ModelLoadError
-from rh_trl.rewards import ORM, PRM, ORMAdapter, Reward, RewardOutput, register_orm_adapter
+from rh_trl.rewards import ORM, PRM, ORMAdapter, RemoteRM, Reward, RewardOutput, register_orm_adapter
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ORM",
     "PRM",
+    "RemoteRM",
+    "RetryPolicy",
     "ChatFormatter",
     "HFEngine",
     "ModelLoadError",

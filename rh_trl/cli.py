@@ -15,6 +15,21 @@ def _quickstart(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from rh_trl.serve.config import load_config
+
+    config = load_config(args.config, host=args.host, port=args.port, api_key=args.api_key)
+    try:
+        config.check_exposure()
+    except ValueError as err:
+        print(f"rh-trl serve: {err}", file=sys.stderr)
+        return 2
+    from rh_trl.serve.app import serve
+
+    serve(config, log_level=args.log_level)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rh-trl", description="Reward models as TRL reward functions.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -26,6 +41,14 @@ def build_parser() -> argparse.ArgumentParser:
     quick.add_argument("--output-dir", default=None, help="where the trainer writes (default: a temp dir)")
     quick.add_argument("--seed", type=int, default=0)
     quick.set_defaults(handler=_quickstart)
+
+    srv = commands.add_parser("serve", help="host rewards over HTTP with dynamic batching (rh_trl[serve])")
+    srv.add_argument("--config", required=True, help="a YAML server config (see configs/serve/)")
+    srv.add_argument("--host", default=None, help="address to bind (default: the config's, else 127.0.0.1)")
+    srv.add_argument("--port", type=int, default=None, help="port (default: the config's, else 8000)")
+    srv.add_argument("--api-key", default=None, help="bearer key clients must send (required off loopback)")
+    srv.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    srv.set_defaults(handler=_serve)
     return parser
 
 

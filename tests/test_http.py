@@ -102,3 +102,20 @@ def test_bad_urls_are_explained():
         HTTPPool("localhost:8000")
     with pytest.raises(ValueError, match="at least one"):
         HTTPPool([])
+
+
+def test_failover_under_concurrency():
+    """Every concurrent request moves on to the other URL when its first attempt hits the dead one."""
+
+    def handler(request):
+        if request.url.host == "down":
+            raise httpx.ConnectError("refused", request=request)
+        return httpx.Response(200, json={"ok": True})
+
+    pool = pool_with(handler, urls=("http://down:1", "http://up:2"), max_concurrency=8)
+    pool.retry = RetryPolicy(attempts=2, initial=0.001, max=0.002, timeout=5)
+
+    async def many():
+        return await asyncio.gather(*(pool.post("/x", {}) for _ in range(16)))
+
+    assert run_sync(many()) == [{"ok": True}] * 16

@@ -120,11 +120,14 @@ class HTTPPool:
             retry=retry_if_exception_type(ServerUnavailable),
             reraise=True,
         )
+        # each request starts at the next URL and moves on to the following one at every retry
+        first = next(self._next_url)
         try:
             async with limit:
                 async for attempt in retrying:
                     with attempt:
-                        return await self._post_once(client, self.urls[next(self._next_url)] + path, payload)
+                        url = self.urls[(first + attempt.retry_state.attempt_number - 1) % len(self.urls)]
+                        return await self._post_once(client, url + path, payload)
         except ServerUnavailable as err:
             raise RetriesExhausted(f"{path}: {self.retry.attempts} attempts failed; last: {err}") from err
         raise AssertionError("unreachable")  # pragma: no cover

@@ -5,12 +5,14 @@ from rh_trl.rewards.base import Batch, Reward, RewardOutput
 from rh_trl.rewards.orm import ORM
 from rh_trl.rewards.prm import PRM
 from rh_trl.rewards.prm_steps import AGGREGATIONS, split_steps
+from rh_trl.rewards.remote import RemoteRM
 
 __all__ = [
     "AGGREGATIONS",
     "ORM",
     "ORM_ADAPTERS",
     "PRM",
+    "RemoteRM",
     "Batch",
     "ORMAdapter",
     "Reward",

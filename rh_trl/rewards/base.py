@@ -163,7 +163,10 @@ class Reward(ABC):
         return Batch(samples, prompts, completions, completion_ids, columns, errors)
 
     def _compute_checked(self, batch: Batch) -> RewardOutput:
-        output = self.compute(batch)
+        return self._check_output(self.compute(batch), batch)
+
+    def _check_output(self, output: RewardOutput, batch: Batch) -> RewardOutput:
+        """Check a computed output's length; count and log the samples that could not be read."""
         if len(output.rewards) != len(batch):
             raise RuntimeError(
                 f"{self.__name__} computed {len(output.rewards)} rewards for {len(batch)} samples (a bug in rh_trl)"

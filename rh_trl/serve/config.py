@@ -1,0 +1,131 @@
+"""The reward server's configuration (YAML, validated with pydantic) and how each configured reward is built."""
+
+from __future__ import annotations
+
+import importlib
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from rh_trl.rewards.base import Reward
+
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+class RewardSpec(BaseModel):
+    """One hosted reward.
+
+    ``type``: ``"orm"`` builds ``rh_trl.ORM(model, tokenizer, **options)``; ``"tiny"`` builds an ORM on a tiny
+    random model with an offline tokenizer (``options``: ``style`` "llama"/"chatml", ``seed``, ``layers``,
+    ``hidden``, plus ORM options) for demos; ``"python"`` calls ``target`` (``"package.module:factory"``)
+    with ``options`` and expects an :class:`~rh_trl.Reward`.
+
+    Batching: requests queued for this reward are concatenated into one scoring call of at most
+    ``max_batch_items`` samples and ``max_batch_chars`` characters (a cheap proxy for tokens; the engine then
+    cuts its own token-budget micro-batches), waiting at most ``max_wait_ms`` for more requests to arrive.
+    ``batching: false`` scores each request on its own.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.:/-]+$")
+    type: Literal["orm", "tiny", "python"] = "orm"
+    model: str | None = None
+    tokenizer: str | None = None
+    target: str | None = None
+    options: dict[str, Any] = Field(default_factory=dict)
+    batching: bool = True
+    max_batch_items: int = Field(default=256, ge=1)
+    max_batch_chars: int = Field(default=1_000_000, ge=1)
+    max_wait_ms: float = Field(default=5.0, ge=0)
+    strip_suffixes: list[str] = Field(
+        default_factory=list,
+        description="strings cut from the end of a /get_reward response (e.g. the policy's EOS text)",
+    )
+
+    @model_validator(mode="after")
+    def _check_type_fields(self) -> RewardSpec:
+        if self.type == "orm" and not self.model:
+            raise ValueError(f"reward '{self.name}': type 'orm' needs model: <path or hub id>")
+        if self.type == "python" and (not self.target or ":" not in self.target):
+            raise ValueError(f"reward '{self.name}': type 'python' needs target: 'package.module:factory'")
+        return self
+
+
+class ServerConfig(BaseModel):
+    """The server: where it listens, who may call it, request limits, and the rewards it hosts."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    api_key: str | None = None
+    api_key_env: str = "RH_TRL_API_KEY"
+    max_request_bytes: int = Field(default=16 * 2**20, ge=1)
+    max_items_per_request: int = Field(default=4096, ge=1)
+    graceful_shutdown_s: float = Field(default=30.0, ge=0)
+    rewards: list[RewardSpec] = Field(min_length=1)
+
+    @field_validator("rewards")
+    @classmethod
+    def _unique_names(cls, rewards: list[RewardSpec]) -> list[RewardSpec]:
+        names = [r.name for r in rewards]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"reward names must be unique; repeated: {duplicates}")
+        return rewards
+
+    def resolved_api_key(self) -> str | None:
+        """``api_key`` from the file, else from the environment variable ``api_key_env``."""
+        return self.api_key or os.environ.get(self.api_key_env) or None
+
+    def check_exposure(self) -> None:
+        """Refuse to listen beyond this machine without an API key."""
+        if self.host not in LOOPBACK_HOSTS and not self.resolved_api_key():
+            raise ValueError(
+                f"refusing to listen on {self.host}: an API key is required when binding anything but loopback "
+                f"(127.0.0.1). Set api_key in the config, export {self.api_key_env}=<key>, or pass --api-key"
+            )
+
+
+def load_config(path: str | os.PathLike[str], **overrides: Any) -> ServerConfig:
+    """Read and validate a YAML server config; ``overrides`` (e.g. ``host``, ``port``) replace file values."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"server config {path} does not exist")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return ServerConfig.model_validate(data)
+    except ValidationError as err:
+        raise ValueError(f"{path} is not a valid server config:\n{err}") from None
+
+
+def build_reward(spec: RewardSpec) -> Reward:
+    """Instantiate the reward that ``spec`` describes (named after the spec)."""
+    options = dict(spec.options)
+    options.setdefault("name", spec.name)
+    if spec.type == "orm":
+        from rh_trl.rewards.orm import ORM
+
+        reward: Any = ORM(spec.model, spec.tokenizer, **options)
+    elif spec.type == "tiny":
+        from rh_trl.rewards.orm import ORM
+        from rh_trl.testing import bpe_tokenizer, tiny_reward_model
+
+        style = options.pop("style", "llama")
+        model_kwargs = {k: options.pop(k) for k in ("seed", "layers", "hidden", "heads") if k in options}
+        tok = bpe_tokenizer(style)
+        reward = ORM(tiny_reward_model(tok, **model_kwargs), tok, **options)
+    else:
+        module_name, _, attr = str(spec.target).partition(":")
+        factory = getattr(importlib.import_module(module_name), attr)
+        reward = factory(**options)
+    if not isinstance(reward, Reward):
+        raise TypeError(f"reward '{spec.name}' built a {type(reward).__name__}; expected an rh_trl Reward")
+    return reward
