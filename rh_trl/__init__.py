@@ -4,11 +4,31 @@ from rh_trl.engines import HFEngine
 from rh_trl.engines.http import RetryPolicy
 from rh_trl.formatting import ChatFormatter, RewardInputError, Sample
 from rh_trl.loading import ModelLoadError
-from rh_trl.rewards import ORM, PRM, ORMAdapter, RemoteRM, Reward, RewardOutput, register_orm_adapter
+from rh_trl.rewards import (
+    ORM,
+    PRM,
+    CLoud,
+    CLoudConfig,
+    CLoudModel,
+    GenRM,
+    JudgeTemplate,
+    ORMAdapter,
+    PairwisePM,
+    RemoteRM,
+    Reward,
+    RewardOutput,
+    register_orm_adapter,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CLoud",
+    "CLoudConfig",
+    "CLoudModel",
+    "GenRM",
+    "JudgeTemplate",
+    "PairwisePM",
     "ORM",
     "PRM",
     "RemoteRM",

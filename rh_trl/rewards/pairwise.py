@@ -1,0 +1,409 @@
+"""Pairwise preference models as rewards: P(A better than B) from a causal LM, turned into a win rate.
+
+A pairwise preference model (RLHFlow/pair-preference-model-LLaMA3-8B style) reads one user turn
+
+    [CONTEXT] {context} [RESPONSE A] {A} [RESPONSE B] {B} \\n
+
+rendered with the model's own chat template and its generation prompt, and answers with the token ``A`` or
+``B``. ``P(A better) = softmax(logit_A, logit_B)[A]`` at the last position, averaged over both orders so the
+position bias cancels: ``p = (p_AB + 1 - p_BA) / 2`` (swapping A and B gives exactly ``1 - p``).
+
+The context is the prompt conversation flattened as these models were trained on: ``"\\n"``, then one
+``"\\n\\n<turn> {role}\\n {content}"`` block per message, then ``"\\n\\n\\n"``.
+
+As a GRPO reward each completion gets its mean win probability against the other completions of its group,
+or, when the dataset has a reference column, its win probability against that reference.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rh_trl.engines.hf import HFEngine
+from rh_trl.formatting import RewardInputError, Sample, message_text, to_sample
+from rh_trl.loading import load_model, load_tokenizer, padding_id
+from rh_trl.rewards.base import Batch, Reward, RewardOutput
+
+logger = logging.getLogger("rh_trl")
+
+PAIR_PROMPT = "[CONTEXT] {context} [RESPONSE A] {response_a} [RESPONSE B] {response_b} \n"
+
+
+def flatten_context(prompt: str | list[dict[str, Any]]) -> str:
+    """The prompt conversation as the pairwise model's context (a string prompt is one user turn)."""
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+    blocks = "".join(f"\n\n<turn> {m['role']}\n {message_text(m)}" for m in messages)
+    return "\n" + blocks + "\n\n\n"
+
+
+def response_text(value: Any) -> str:
+    """A completion or reference (string or message list) as plain text."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        return "".join(message_text(m) for m in value)
+    raise RewardInputError(f"expected a string or a list of messages, got {type(value).__name__}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Who is compared with whom
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Opponents:
+    """The comparisons a batch needs: each sample's opponents, as other sample indices or reference texts.
+
+    ``groups`` holds index lists (each sample is compared with the other members of its group);
+    ``references`` is set instead when every sample is compared with its own reference response.
+    """
+
+    groups: list[list[int]] | None = None
+    references: list[Any] | None = None
+
+
+def infer_groups(samples: Sequence[Sample | None], group_size: int | None) -> list[list[int]]:
+    """Split a batch into GRPO groups: ``group_size`` consecutive samples, or runs of identical prompts.
+
+    TRL lays a group out as ``num_generations`` consecutive rows with the same prompt. With an explicit
+    ``group_size`` every group must share one prompt; without one, each run of consecutive identical prompts is a
+    group. Unreadable samples (``None``) are left out of their group.
+    """
+    n = len(samples)
+    keys = [repr(s.prompt) if s is not None else None for s in samples]
+    if group_size is not None:
+        if group_size < 1 or n % group_size:
+            raise RewardInputError(
+                f"group_size={group_size} does not divide the batch of {n} completions; expected the batch "
+                "to hold whole groups of group_size consecutive completions of one prompt (TRL's "
+                "num_generations)"
+            )
+        groups = [list(range(k, k + group_size)) for k in range(0, n, group_size)]
+        for g, members in enumerate(groups):
+            prompts = {keys[i] for i in members if keys[i] is not None}
+            if len(prompts) > 1:
+                raise RewardInputError(
+                    f"group {g} (completions {members[0]}..{members[-1]}) mixes different prompts; with "
+                    f"group_size={group_size} each run of {group_size} consecutive completions must share "
+                    "one prompt"
+                )
+    else:
+        groups, start = [], 0
+        for i in range(1, n + 1):
+            if i == n or keys[i] != keys[start] or keys[i] is None:
+                groups.append(list(range(start, i)))
+                start = i
+    return [[i for i in g if samples[i] is not None] for g in groups]
+
+
+def find_opponents(
+    batch: Batch, group_size: int | None, reference_column: str | None, name: str
+) -> Opponents:
+    """The comparisons for a batch: against ``batch.columns[reference_column]`` when the call has that column,
+    else within groups (see :func:`infer_groups`)."""
+    if reference_column is not None and batch.columns.get(reference_column) is not None:
+        refs = list(batch.columns[reference_column])
+        if len(refs) != len(batch):
+            raise RewardInputError(
+                f"{name}: column '{reference_column}' has {len(refs)} values for {len(batch)} completions; "
+                "expected one reference per completion"
+            )
+        return Opponents(references=refs)
+    try:
+        return Opponents(groups=infer_groups(batch.samples, group_size))
+    except RewardInputError as err:
+        raise RewardInputError(f"{name}: {err}") from None
+
+
+def group_win_rates(
+    groups: list[list[int]], prob: dict[tuple[int, int], float | None], n: int
+) -> tuple[list[float | None], int]:
+    """Each sample's mean ``prob[(i, j)]`` over the other members ``j`` of its group (``None`` values skipped).
+
+    Returns the win rates and the number of samples left without any opponent.
+    """
+    rates: list[float | None] = [None] * n
+    alone = 0
+    for members in groups:
+        for i in members:
+            values = [prob[(i, j)] for j in members if j != i and prob.get((i, j)) is not None]
+            if values:
+                rates[i] = sum(values) / len(values)  # type: ignore[arg-type]
+            else:
+                alone += 1
+    return rates, alone
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The model
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class _ChoiceLogits(torch.nn.Module):
+    """A causal LM that returns only the logits of a few tokens at each row's last real position.
+
+    The output projection runs on one hidden state per row and only the chosen vocabulary rows, so memory does
+    not grow with sequence length × vocabulary size.
+    """
+
+    def __init__(self, lm: Any, token_ids: Sequence[int]) -> None:
+        super().__init__()
+        self.lm = lm
+        self.token_ids = list(token_ids)
+        self.softcap = getattr(lm.config, "final_logit_softcapping", None)
+
+    def get_input_embeddings(self) -> Any:
+        return self.lm.get_input_embeddings()
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        hidden = self.lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, **kwargs)[0]
+        last = attention_mask.sum(dim=1) - 1
+        h = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+        head = self.lm.get_output_embeddings()
+        ids = torch.tensor(self.token_ids, device=h.device)
+        logits = h @ head.weight[ids].T
+        if getattr(head, "bias", None) is not None:
+            logits = logits + head.bias[ids]
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+
+def _read_choices(
+    outputs: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+) -> torch.Tensor:
+    return outputs
+
+
+class PairwisePM(Reward):
+    """A pairwise preference model (a causal LM that answers ``A`` or ``B``) as a TRL reward function.
+
+    Args:
+        model: a model directory, a hub id, or a loaded causal LM.
+        tokenizer: its tokenizer (object or path); by default loaded from ``model``. ``"A"`` and ``"B"`` must
+            each be one token.
+        name: metric name (default ``pairpm_<model name>``, made unique).
+        group_size: completions per prompt in a GRPO batch (TRL's ``num_generations``); by default each run of
+            consecutive identical prompts is a group.
+        reference_column: a dataset column with a reference response per row; when a call has it, each
+            completion is scored by its win probability against its reference instead of its group.
+        temperature: divides the two logits before the softmax.
+        strip_bos: drop the BOS token the template puts first (as the published inference code of
+            RLHFlow's pairwise models does); ``False`` keeps it.
+        chat_template: a Jinja template to use instead of the tokenizer's.
+        max_length: a comparison longer than this many tokens gets no probability (counted as ``too_long``).
+        max_tokens_per_batch, max_batch_size, device, device_map, dtype, progress: see :class:`~rh_trl.ORM`.
+        strict: raise on a malformed sample instead of giving it ``None``.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any = None,
+        *,
+        name: str | None = None,
+        group_size: int | None = None,
+        reference_column: str | None = "reference",
+        temperature: float = 1.0,
+        strip_bos: bool = True,
+        chat_template: str | None = None,
+        max_length: int | None = None,
+        max_tokens_per_batch: int = 16384,
+        max_batch_size: int | None = None,
+        device: str | torch.device | None = None,
+        device_map: Any = None,
+        dtype: str | torch.dtype | None = "auto",
+        trust_remote_code: bool = False,
+        progress: bool = False,
+        strict: bool = False,
+    ) -> None:
+        from transformers import AutoModelForCausalLM
+
+        if group_size is not None and group_size < 2:
+            raise ValueError(
+                f"group_size must be at least 2 (a completion needs an opponent), got {group_size}"
+            )
+        if temperature <= 0:
+            raise ValueError(f"temperature must be positive, got {temperature}")
+        self.model = load_model(
+            model,
+            AutoModelForCausalLM,
+            dtype=dtype,
+            device=device,
+            device_map=device_map,
+            trust_remote_code=trust_remote_code,
+        )
+        self.tokenizer = load_tokenizer(tokenizer, self.model, trust_remote_code=trust_remote_code)
+        model_name = Path(str(getattr(self.model, "name_or_path", "") or "model")).name
+        super().__init__(name=name, default_name=f"pairpm_{model_name}", strict=strict)
+        self.template = chat_template or getattr(self.tokenizer, "chat_template", None)
+        if not self.template:
+            raise ValueError(
+                "the pairwise model's tokenizer has no chat template; pass chat_template='…' (the template the "
+                "model was trained with)"
+            )
+        self.token_ids = [self._single_token(t) for t in ("A", "B")]
+        self.group_size = group_size
+        self.reference_column = reference_column
+        self.temperature = temperature
+        self.strip_bos = strip_bos
+        self.max_length = max_length
+        self.engine = HFEngine(
+            _ChoiceLogits(self.model, self.token_ids),
+            padding_id(self.tokenizer),
+            max_tokens_per_batch,
+            max_batch_size,
+            progress=progress,
+        )
+
+    def _single_token(self, text: str) -> int:
+        ids = self.tokenizer.encode(text, add_special_tokens=False)
+        if len(ids) != 1:
+            raise ValueError(
+                f"the tokenizer splits '{text}' into {len(ids)} tokens {ids}; a pairwise preference model needs "
+                "'A' and 'B' to be single tokens (its answer is read from their two logits)"
+            )
+        return int(ids[0])
+
+    # -- rendering ------------------------------------------------------------------------------------------------
+
+    def render(self, prompt: Any, response_a: Any, response_b: Any) -> str:
+        """The text the model reads for one ordered comparison (A first)."""
+        content = PAIR_PROMPT.format(
+            context=flatten_context(prompt),
+            response_a=response_text(response_a),
+            response_b=response_text(response_b),
+        )
+        text = self.tokenizer.apply_chat_template(
+            [{"role": "user", "content": content}],
+            chat_template=self.template,
+            tokenize=False,
+            add_generation_prompt=True,
+        )
+        bos = getattr(self.tokenizer, "bos_token", None)
+        if self.strip_bos and bos and text.startswith(bos):
+            text = text[len(bos) :]
+        return text
+
+    def encode(self, prompt: Any, response_a: Any, response_b: Any) -> list[int]:
+        ids = self.tokenizer(self.render(prompt, response_a, response_b), add_special_tokens=False)[
+            "input_ids"
+        ]
+        return list(ids)
+
+    # -- probabilities --------------------------------------------------------------------------------------------
+
+    def ordered_probs(
+        self, triples: Sequence[tuple[Any, Any, Any]]
+    ) -> tuple[list[float | None], dict[str, int]]:
+        """P(first response better) for each ``(prompt, a, b)`` in that one order (no averaging)."""
+        counts = {"too_long": 0, "render_failed": 0}
+        seqs: list[list[int]] = []
+        todo: list[int] = []
+        for k, (p, a, b) in enumerate(triples):
+            try:
+                ids = self.encode(p, a, b)
+            except Exception as err:
+                if self.strict:
+                    raise RewardInputError(
+                        f"{self.__name__}: comparison {k} could not be rendered: {err}"
+                    ) from err
+                counts["render_failed"] += 1
+                logger.warning("%s: comparison %d could not be rendered: %s", self.__name__, k, err)
+                continue
+            if self.max_length is not None and len(ids) > self.max_length:
+                counts["too_long"] += 1
+                continue
+            seqs.append(ids)
+            todo.append(k)
+        rows = self.engine.run(seqs, _read_choices) if seqs else []
+        probs: list[float | None] = [None] * len(triples)
+        for k, row in zip(todo, rows, strict=True):
+            probs[k] = float(torch.softmax(row.double() / self.temperature, dim=-1)[0])
+        if counts["too_long"]:
+            logger.warning(
+                "%s: %d comparison(s) are longer than max_length=%d tokens and get no probability",
+                self.__name__,
+                counts["too_long"],
+                self.max_length,
+            )
+        return probs, counts
+
+    def compare_many(
+        self, prompts: Sequence[Any], responses_a: Sequence[Any], responses_b: Sequence[Any]
+    ) -> list[float | None]:
+        """P(a better than b) for each row, averaged over both orders; both orders run in one batch."""
+        if not len(prompts) == len(responses_a) == len(responses_b):
+            raise RewardInputError(
+                f"got {len(prompts)} prompts, {len(responses_a)} A responses and {len(responses_b)} B responses; "
+                "expected one of each per comparison"
+            )
+        n = len(prompts)
+        triples = [(p, a, b) for p, a, b in zip(prompts, responses_a, responses_b, strict=True)]
+        triples += [(p, b, a) for p, a, b in zip(prompts, responses_a, responses_b, strict=True)]
+        probs, _ = self.ordered_probs(triples)
+        return [_average(probs[k], probs[n + k]) for k in range(n)]
+
+    def compare(self, prompt: Any, response_a: Any, response_b: Any) -> float:
+        """P(``response_a`` better than ``response_b``) for one prompt, averaged over both orders."""
+        value = self.compare_many([prompt], [response_a], [response_b])[0]
+        if value is None:
+            raise RewardInputError(
+                f"{self.__name__}: the comparison could not be scored (too long or unrenderable)"
+            )
+        return value
+
+    # -- the reward -----------------------------------------------------------------------------------------------
+
+    def compute(self, batch: Batch) -> RewardOutput:
+        opponents = find_opponents(batch, self.group_size, self.reference_column, self.__name__)
+        n = len(batch)
+        if opponents.references is not None:
+            todo = [i for i, s in enumerate(batch.samples) if s is not None]
+            triples = []
+            for i in todo:
+                s = batch.samples[i]
+                ref = to_sample(s.prompt, opponents.references[i]).response  # type: ignore[union-attr]
+                triples.append((s.prompt, s.response, ref))  # type: ignore[union-attr]
+            probs_ab, counts = self.ordered_probs(triples + [(p, b, a) for p, a, b in triples])
+            rewards: list[float | None] = [None] * n
+            for k, i in enumerate(todo):
+                rewards[i] = _average(probs_ab[k], probs_ab[len(todo) + k])
+            return RewardOutput(rewards, counts)
+
+        groups = opponents.groups or []
+        pairs = [(i, j) for g in groups for i in g for j in g if i != j]
+        samples = batch.samples
+        triples = [(samples[i].prompt, samples[i].response, samples[j].response) for i, j in pairs]  # type: ignore[union-attr]
+        ordered, counts = self.ordered_probs(triples)
+        first = dict(zip(pairs, ordered, strict=True))
+        prob = {(i, j): _average(first[(i, j)], first[(j, i)]) for i, j in pairs}
+        rewards, alone = group_win_rates(groups, prob, n)
+        if alone:
+            logger.warning(
+                "%s: %d completion(s) have no opponent in their group and get no reward; pass group_size= "
+                "(TRL's num_generations) or give the dataset a '%s' column",
+                self.__name__,
+                alone,
+                self.reference_column,
+            )
+        counts["no_opponent"] = alone
+        counts["comparisons"] = len(pairs)
+        return RewardOutput(rewards, counts)
+
+
+def _average(p_ab: float | None, p_ba: float | None) -> float | None:
+    """P(A better) from both orders: ``(p_AB + 1 - p_BA) / 2``; one order alone when the other is missing."""
+    if p_ab is None and p_ba is None:
+        return None
+    if p_ba is None:
+        return p_ab
+    if p_ab is None:
+        return 1.0 - p_ba
+    return (p_ab + 1.0 - p_ba) / 2.0

@@ -1,0 +1,177 @@
+"""PairwisePM against probabilities computed here from the model's full logits, group win rates, GRPO."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from rh_trl.formatting import RewardInputError
+from rh_trl.rewards.pairwise import PairwisePM
+from rh_trl.testing import bpe_tokenizer, tiny_causal_lm
+
+TOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return bpe_tokenizer("llama")
+
+
+@pytest.fixture(scope="module")
+def lm(tok):
+    model = tiny_causal_lm(tok, seed=11).eval()
+    with torch.no_grad():  # a random LM is nearly indifferent between A and B: widen its head
+        model.lm_head.weight.normal_(0.0, 0.5)
+    return model
+
+
+def context_text(messages) -> str:
+    out = "\n"
+    for m in messages:
+        out += "\n\n<turn> " + m["role"] + "\n " + m["content"]
+    return out + "\n\n\n"
+
+
+@torch.no_grad()
+def p_first(lm, tok, messages, a: str, b: str) -> float:
+    """P("A") vs P("B") at the last position of one unpadded forward pass, in one order."""
+    content = "[CONTEXT] " + context_text(messages) + " [RESPONSE A] " + a + " [RESPONSE B] " + b + " \n"
+    text = tok.apply_chat_template(
+        [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
+    )
+    assert text.startswith("<s>")
+    ids = tok(text[len("<s>") :], add_special_tokens=False)["input_ids"]
+    logits = lm(torch.tensor([ids])).logits[0, -1]
+    a_id, b_id = tok.convert_tokens_to_ids("A"), tok.convert_tokens_to_ids("B")
+    return math.exp(logits[a_id]) / (math.exp(logits[a_id]) + math.exp(logits[b_id]))
+
+
+def p_both(lm, tok, messages, a, b) -> float:
+    return (p_first(lm, tok, messages, a, b) + 1 - p_first(lm, tok, messages, b, a)) / 2
+
+
+PROMPT = [{"role": "user", "content": "Name three things related to coffee."}]
+MULTI = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Describe trains."},
+    {"role": "assistant", "content": "Fast."},
+    {"role": "user", "content": "And the moon?"},
+]
+GROUP = ["Beans, cups and mornings.", "I don't know.", "Coffee is a drink made from beans.", "No."]
+
+
+def test_compare_matches_logits_and_swaps(lm, tok):
+    pm = PairwisePM(lm, tok, max_tokens_per_batch=64)
+    for messages, a, b in [(PROMPT, GROUP[0], GROUP[1]), (MULTI, "Bright at night.", "A moon.")]:
+        p = pm.compare(messages, a, b)
+        assert abs(p - p_both(lm, tok, messages, a, b)) <= TOL
+        assert abs(pm.compare(messages, b, a) - (1 - p)) <= 1e-12
+        assert 0 < p < 1 and abs(p - 0.5) > 1e-4  # content matters beyond float32 noise
+    # a string prompt is one user turn
+    assert (
+        abs(
+            pm.compare("Name three things related to coffee.", GROUP[0], GROUP[2])
+            - p_both(lm, tok, PROMPT, GROUP[0], GROUP[2])
+        )
+        <= TOL
+    )
+    assert pm.engine.last_stats.batches > 1  # the small budget forced several micro-batches
+
+
+def test_group_win_rate_by_hand(lm, tok):
+    pm = PairwisePM(lm, tok)
+    completions = [[{"role": "assistant", "content": c}] for c in GROUP]
+    metrics = {}
+    rewards = pm([PROMPT] * 4, completions, log_metric=lambda k, v: metrics.__setitem__(k, v))
+    expected = []
+    for i in range(4):
+        wins = [p_both(lm, tok, PROMPT, GROUP[i], GROUP[j]) for j in range(4) if j != i]
+        expected.append(sum(wins) / 3)
+    assert max(abs(r - e) for r, e in zip(rewards, expected, strict=True)) <= TOL
+    assert (
+        abs(sum(rewards) - 2.0) <= 1e-9
+    )  # win rates in a round robin sum to (n - 1) / 2 * n / (n - 1) = n / 2
+    assert metrics[f"{pm.__name__}/num_comparisons"] == 12
+
+
+def test_groups_inferred_explicit_and_reference(lm, tok):
+    pm = PairwisePM(lm, tok)
+    other = [{"role": "user", "content": "Describe trains."}]
+    prompts = [PROMPT, PROMPT, other, other]
+    comps = [GROUP[0], GROUP[1], "Loud.", "Long and fast."]
+    inferred = pm(prompts, comps)
+    assert abs(inferred[0] - p_both(lm, tok, PROMPT, GROUP[0], GROUP[1])) <= TOL
+    assert abs(inferred[2] - p_both(lm, tok, other, "Loud.", "Long and fast.")) <= TOL
+    explicit = PairwisePM(lm, tok, group_size=2)(prompts, comps)
+    assert max(abs(x - y) for x, y in zip(inferred, explicit, strict=True)) <= 1e-12
+
+    with pytest.raises(RewardInputError, match="group_size=3 does not divide the batch of 4"):
+        PairwisePM(lm, tok, group_size=3)(prompts, comps)
+    with pytest.raises(RewardInputError, match="mixes different prompts"):
+        PairwisePM(lm, tok, group_size=4)(prompts, comps)
+
+    refs = ["Beans.", "Cups.", "Rails.", "Steam."]
+    against_ref = pm(prompts, comps, reference=refs)
+    expected = [
+        p_both(lm, tok, p, c, r) for p, c, r in zip([PROMPT, PROMPT, other, other], comps, refs, strict=True)
+    ]
+    assert max(abs(x - y) for x, y in zip(against_ref, expected, strict=True)) <= TOL
+
+
+def test_lone_completion_gets_none_counted(lm, tok):
+    pm = PairwisePM(lm, tok)
+    rewards = pm([PROMPT, [{"role": "user", "content": "Other."}]], ["a", "b"])
+    assert rewards == [None, None]
+    assert pm.last_stats["num_no_opponent"] == 2
+
+
+def test_tokenizer_without_single_token_letters(lm):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "x": 1, "y": 2}
+    raw = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    raw.pre_tokenizer = pre_tokenizers.Whitespace()
+    bad = PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="<unk>", chat_template="{{ messages }}")
+    bad.encode = lambda text, add_special_tokens=False: [0, 0] if text in ("A", "B") else [1]  # type: ignore[method-assign]
+    with pytest.raises(ValueError, match="'A' and 'B' to be single tokens"):
+        PairwisePM(lm, bad)
+
+
+def test_grpo_two_steps(tmp_path, tok, lm):
+    from datasets import Dataset
+    from trl import GRPOConfig, GRPOTrainer
+
+    from rh_trl.testing import bundled_prompts
+
+    pm = PairwisePM(lm, tok, name="pairpm_test")
+    data = Dataset.from_list([{"prompt": r["prompt"]} for r in bundled_prompts()[:8]])
+    args = GRPOConfig(
+        output_dir=str(tmp_path),
+        num_generations=4,
+        max_steps=2,
+        per_device_train_batch_size=4,
+        max_completion_length=6,
+        logging_steps=1,
+        report_to="none",
+        bf16=False,
+        use_cpu=True,
+        save_strategy="no",
+        seed=0,
+    )
+    trainer = GRPOTrainer(
+        model=tiny_causal_lm(tok, seed=5),
+        reward_funcs=[pm],
+        args=args,
+        train_dataset=data,
+        processing_class=tok,
+    )
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "rewards/pairpm_test/mean" in h]
+    assert len(logs) == 2
+    for h in logs:
+        # a round robin's win rates average exactly 1/2 when every comparison is scored
+        assert abs(h["rewards/pairpm_test/mean"] - 0.5) <= 1e-5
+        assert h["pairpm_test/num_none"] == 0
