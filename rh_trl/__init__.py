@@ -10,6 +10,7 @@ from rh_trl.rewards import (
     CLoud,
     CLoudConfig,
     CLoudModel,
+    DrSow,
     GenRM,
     JudgeTemplate,
     ORMAdapter,
@@ -23,6 +24,7 @@ from rh_trl.rewards import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "DrSow",
     "CLoud",
     "CLoudConfig",
     "CLoudModel",

@@ -3,6 +3,7 @@
 from rh_trl.rewards.adapters import ORM_ADAPTERS, ORMAdapter, register_orm_adapter
 from rh_trl.rewards.base import Batch, Reward, RewardOutput
 from rh_trl.rewards.cloud import CLoud, CLoudConfig, CLoudModel
+from rh_trl.rewards.drsow import DrSow
 from rh_trl.rewards.genrm import GenRM
 from rh_trl.rewards.genrm_templates import JudgeTemplate
 from rh_trl.rewards.orm import ORM
@@ -12,6 +13,7 @@ from rh_trl.rewards.prm_steps import AGGREGATIONS, split_steps
 from rh_trl.rewards.remote import RemoteRM
 
 __all__ = [
+    "DrSow",
     "CLoud",
     "CLoudConfig",
     "CLoudModel",

@@ -1,0 +1,218 @@
+"""Span log-probs from an OpenAI-compatible completions server (``vllm serve``, or rh_trl's own test server).
+
+Tokenization stays ours: each request sends token ids as the prompt (``"prompt": [[ids…], [ids…]]``, several
+sequences per request) with ``max_tokens: 1`` and vLLM's ``prompt_logprobs: 0`` extension, which returns, per
+prompt, ``None`` for the first token and then ``{token_id: {"logprob", "rank", "decoded_token"}}`` for each
+following one. Servers without ``prompt_logprobs`` are read through the legacy ``echo: true`` +
+``logprobs: 0`` route instead (``use_prompt_logprobs=False``), whose ``logprobs.token_logprobs`` starts with the
+prompt's tokens.
+
+The token ids the server scored are checked against ours (``return_token_ids: true`` makes vLLM return
+``prompt_token_ids``; otherwise the keys of ``prompt_logprobs``, or ``token_id:N`` tokens with
+``return_tokens_as_token_ids``): a server that adds or changes tokens raises
+:class:`~rh_trl.engines.logprobs.TokenMismatchError` naming both sequences. A request that still fails after
+the retries gives ``None`` for its sequences (reason ``"server_failed"``); one the server refuses (4xx other
+than 401/403) is retried one sequence per request, and the sequences it still refuses get ``None`` (reason
+``"server_rejected"``). A 200 answer that does not follow the schema raises
+:class:`~rh_trl.engines.http.MalformedResponse`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import httpx
+
+from rh_trl.engines.http import HTTPPool, MalformedResponse, RequestRejected, RetriesExhausted, RetryPolicy
+from rh_trl.engines.logprobs import (
+    TokenMismatchError,
+    check_span,
+    describe_mismatch,
+    span_from_prompt_logprobs,
+)
+
+logger = logging.getLogger("rh_trl")
+
+_TOKEN_ID = re.compile(r"^token_id:(-?\d+)$")
+
+
+class OpenAILogprobClient:
+    """Reads span log-probs from one OpenAI-compatible server (or several replicas of one model).
+
+    Args:
+        urls: base URL(s) of the server, without ``/v1`` (e.g. ``http://127.0.0.1:8000``).
+        model: the served model name sent as ``"model"`` (vLLM uses its only model when left out).
+        api_key: sent as ``Authorization: Bearer <key>``.
+        batch_size: sequences per request.
+        max_concurrency: requests in flight at once.
+        retry: attempts, backoff and per-request timeout.
+        use_prompt_logprobs: ask for vLLM's ``prompt_logprobs``; ``False`` uses ``echo`` + ``logprobs``.
+        check_token_ids: compare the token ids the server reports with the ones sent.
+        transport: an ``httpx`` transport (tests).
+        label: how this server is named in messages (e.g. ``"strong"``).
+    """
+
+    PATH = "/v1/completions"
+
+    def __init__(
+        self,
+        urls: str | Sequence[str],
+        *,
+        model: str | None = None,
+        api_key: str | None = None,
+        batch_size: int = 16,
+        max_concurrency: int = 8,
+        retry: RetryPolicy | None = None,
+        use_prompt_logprobs: bool = True,
+        check_token_ids: bool = True,
+        transport: httpx.AsyncBaseTransport | None = None,
+        label: str = "server",
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        self.pool = HTTPPool(
+            urls, api_key=api_key, max_concurrency=max_concurrency, retry=retry, transport=transport
+        )
+        self.model = model
+        self.batch_size = batch_size
+        self.use_prompt_logprobs = use_prompt_logprobs
+        self.check_token_ids = check_token_ids
+        self.label = label
+
+    def __repr__(self) -> str:
+        return f"OpenAILogprobClient({self.pool.urls}, model={self.model!r})"
+
+    # -- requests --------------------------------------------------------------------------------------------
+
+    def payload(self, prompts: list[list[int]]) -> dict[str, Any]:
+        """The JSON body asking for the log-probs of every token of ``prompts``."""
+        body: dict[str, Any] = {"prompt": prompts, "max_tokens": 1, "temperature": 0.0}
+        if self.model is not None:
+            body["model"] = self.model
+        if self.use_prompt_logprobs:
+            body.update(prompt_logprobs=0, return_token_ids=True)
+        else:
+            body.update(echo=True, logprobs=0, return_tokens_as_token_ids=True)
+        return body
+
+    async def span_logprobs(
+        self, sequences: Sequence[Sequence[int]], spans: Sequence[tuple[int, int]]
+    ) -> tuple[list[list[float] | None], list[str | None]]:
+        """Log-probs of each span, and per sequence ``None`` or why it got no value.
+
+        Sequences are cut after their span and each distinct one is sent once.
+        """
+        if len(sequences) != len(spans):
+            raise ValueError(f"got {len(sequences)} sequences and {len(spans)} spans; expected one span each")
+        for ids, (start, end) in zip(sequences, spans, strict=True):
+            check_span(ids, start, end)
+        keys = [tuple(int(t) for t in ids[:end]) for ids, (_, end) in zip(sequences, spans, strict=True)]
+        unique = sorted(dict.fromkeys(keys), key=len)  # similar lengths share a request
+        chunks = [unique[i : i + self.batch_size] for i in range(0, len(unique), self.batch_size)]
+        answers = await asyncio.gather(*(self._score_chunk([list(k) for k in chunk]) for chunk in chunks))
+        by_key: dict[tuple[int, ...], tuple[list[float] | None, str | None]] = {}
+        for chunk, answer in zip(chunks, answers, strict=True):
+            by_key.update(zip(chunk, answer, strict=True))
+        values: list[list[float] | None] = []
+        reasons: list[str | None] = []
+        for key, (start, end) in zip(keys, spans, strict=True):
+            logprobs, reason = by_key[key]
+            values.append(None if logprobs is None else logprobs[start:end])
+            reasons.append(reason)
+        return values, reasons
+
+    async def _score_chunk(self, prompts: list[list[int]]) -> list[tuple[list[float] | None, str | None]]:
+        """Log-probs of every token (from position 1) of each prompt, or ``(None, reason)``."""
+        try:
+            answer = await self.pool.post(self.PATH, self.payload(prompts))
+        except RetriesExhausted as err:
+            logger.warning(
+                "%s server %s: %d sequence(s) get no log-probs after the last retry: %s",
+                self.label,
+                self.pool.urls,
+                len(prompts),
+                err,
+            )
+            return [(None, "server_failed")] * len(prompts)
+        except RequestRejected as err:
+            if re.search(r"HTTP 40[13]\b", str(err)):
+                raise RequestRejected(f"{self.label} server: check its api_key: {err}") from err
+            if len(prompts) > 1:  # find the sequences the server refuses; score the others
+                parts = await asyncio.gather(*(self._score_chunk([p]) for p in prompts))
+                return [part[0] for part in parts]
+            logger.warning("%s server refused a sequence of %d tokens: %s", self.label, len(prompts[0]), err)
+            return [(None, "server_rejected")]
+        return [(logprobs, None) for logprobs in self.parse(answer, prompts)]
+
+    # -- responses -------------------------------------------------------------------------------------------
+
+    def parse(self, answer: Any, prompts: list[list[int]]) -> list[list[float]]:
+        """Read one answer: per prompt, the log-prob of every token, position 0 included as ``NaN``."""
+        where = f"{self.label} server {self.pool.urls[0]}"
+        choices = answer.get("choices") if isinstance(answer, dict) else None
+        if not isinstance(choices, list) or len(choices) != len(prompts):
+            got = (
+                f"{len(choices)} choices"
+                if isinstance(choices, list)
+                else f"no 'choices' list ({str(answer)[:200]})"
+            )
+            raise MalformedResponse(f"{where}: expected {len(prompts)} choices (one per prompt), got {got}")
+        if all(isinstance(c, dict) and isinstance(c.get("index"), int) for c in choices):
+            choices = sorted(choices, key=lambda c: c["index"])
+        return [
+            self._parse_choice(c, ids, f"{where}, prompt {i}")
+            for i, (c, ids) in enumerate(zip(choices, prompts, strict=True))
+        ]
+
+    def _parse_choice(self, choice: Any, ids: list[int], where: str) -> list[float]:
+        if not isinstance(choice, dict):
+            raise MalformedResponse(f"{where}: a choice must be a JSON object, got {str(choice)[:200]}")
+        scored = choice.get("prompt_token_ids")
+        if self.check_token_ids and scored is not None and [int(t) for t in scored] != ids:
+            raise TokenMismatchError(
+                f"{where} scored other tokens than the ones sent: {describe_mismatch(ids, scored)}"
+            )
+        if self.use_prompt_logprobs:
+            if "prompt_logprobs" not in choice or choice["prompt_logprobs"] is None:
+                raise MalformedResponse(
+                    f"{where}: the answer has no 'prompt_logprobs' (keys: {sorted(choice)}); the server may not "
+                    "support vLLM's prompt_logprobs: use_prompt_logprobs=False reads echo + logprobs instead"
+                )
+            return [
+                float("nan"),
+                *span_from_prompt_logprobs(choice["prompt_logprobs"], ids, 1, len(ids), source=where),
+            ]
+        return self._parse_echo(choice, ids, where)
+
+    def _parse_echo(self, choice: dict[str, Any], ids: list[int], where: str) -> list[float]:
+        logprobs = choice.get("logprobs")
+        values = logprobs.get("token_logprobs") if isinstance(logprobs, dict) else None
+        if not isinstance(values, list) or len(values) < len(ids):
+            raise MalformedResponse(
+                f"{where}: with echo=true, logprobs.token_logprobs must start with one entry per prompt token "
+                f"({len(ids)}); got {str(logprobs)[:200]}"
+            )
+        tokens = logprobs.get("tokens")
+        if self.check_token_ids and isinstance(tokens, list) and len(tokens) >= len(ids):
+            matches = [_TOKEN_ID.match(str(t)) for t in tokens[: len(ids)]]
+            if all(matches):
+                scored = [int(m.group(1)) for m in matches]  # type: ignore[union-attr]
+                if scored != ids:
+                    raise TokenMismatchError(
+                        f"{where} scored other tokens than the ones sent: {describe_mismatch(ids, scored)}"
+                    )
+        out = [float("nan")]
+        for t in range(1, len(ids)):
+            if not isinstance(values[t], int | float):
+                raise MalformedResponse(
+                    f"{where}: logprobs.token_logprobs[{t}] is {values[t]!r}, not a number"
+                )
+            out.append(float(values[t]))
+        return out
+
+    async def aclose(self) -> None:
+        await self.pool.aclose()
