@@ -30,6 +30,11 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _annotate(args: argparse.Namespace) -> int:
+    args.func(args)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rh-trl", description="Reward models as TRL reward functions.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -49,6 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--api-key", default=None, help="bearer key clients must send (required off loopback)")
     srv.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     srv.set_defaults(handler=_serve)
+
+    from rh_trl.annotate import add_annotate_command
+
+    annotate = add_annotate_command(commands)
+    annotate.set_defaults(handler=_annotate)
     return parser
 
 

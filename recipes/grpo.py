@@ -1,0 +1,51 @@
+"""GRPO against rh_trl rewards listed in a YAML config.
+
+    accelerate launch recipes/grpo.py --config configs/grpo/tiny.yaml
+    python recipes/grpo.py --config configs/grpo/tiny.yaml
+    accelerate launch --config_file configs/accelerate/multi_gpu.yaml recipes/grpo.py --config configs/grpo/qwen2.5_1.5b_skywork.yaml
+
+The config holds GRPOConfig fields, ``model_name_or_path`` (a path, a hub id or ``rh_trl:tiny-policy``), and
+``rewards``: specs for ``rh_trl.rewards.factory.build_rewards`` whose ``weight`` s become ``reward_weights``.
+Prompts come from ``dataset_path`` (JSONL/Parquet with a ``prompt`` column) or the bundled prompts.
+``normalize_rewards``, ``reward_statistics`` and ``offload_rewards`` switch on the rh_trl callbacks.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from _common import RewardArguments, build_reward_functions, load_policy, load_prompts, setup_logging
+from trl import GRPOConfig, GRPOTrainer, ModelConfig, TrlParser
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    setup_logging()
+    parser = TrlParser((RewardArguments, GRPOConfig, ModelConfig))
+    reward_args, training_args, model_args = parser.parse_args_and_config(argv)
+    model, tokenizer = load_policy(
+        model_args.model_name_or_path or "rh_trl:tiny-policy",
+        model_args.dtype,
+        getattr(training_args, "trust_remote_code", False),
+    )
+    reward_funcs, weights, callbacks = build_reward_functions(reward_args, training_args.num_generations)
+    training_args.reward_weights = weights
+    trainer = GRPOTrainer(
+        model=model,
+        reward_funcs=reward_funcs,
+        args=training_args,
+        train_dataset=load_prompts(reward_args.dataset_path, reward_args.max_prompts),
+        processing_class=tokenizer,
+        callbacks=callbacks,
+    )
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.save_model(training_args.output_dir)
+    return {"log_history": trainer.state.log_history, "reward_names": [f.__name__ for f in reward_funcs]}
+
+
+if __name__ == "__main__":
+    main()
