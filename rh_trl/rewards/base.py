@@ -75,6 +75,16 @@ class Batch:
         return len(self.samples)
 
 
+@dataclass
+class _Call:
+    """One reward call in progress: the validated batch, when it started, and TRL's logging hooks."""
+
+    batch: Batch
+    start: float
+    log_metric: Callable[[str, float], None] | None
+    log_extra: Callable[[str, list], None] | None
+
+
 class Reward(ABC):
     """Base class of every rh_trl reward.
 
@@ -116,15 +126,8 @@ class Reward(ABC):
         completion_ids: Sequence[Sequence[int]] | None = None,
         **kwargs: Any,
     ) -> list[float | None]:
-        log_metric: Callable[[str, float], None] | None = kwargs.pop("log_metric", None)
-        log_extra: Callable[[str, list], None] | None = kwargs.pop("log_extra", None)
-        for key in self.TRAINER_KWARGS:
-            kwargs.pop(key, None)
-        start = time.perf_counter()
-        batch = self._make_batch(prompts, completions, completion_ids, kwargs)
-        output = self._compute_checked(batch)
-        self._report(output, batch, time.perf_counter() - start, log_metric, log_extra)
-        return output.rewards
+        call = self._start_call(prompts, completions, completion_ids, kwargs)
+        return self._finish_call(call, self.compute(call.batch))
 
     def score(self, prompts: Sequence[Any], completions: Sequence[Any], **columns: Any) -> list[float | None]:
         """Score prompt/completion pairs outside a trainer (same numbers as calling the reward)."""
@@ -137,6 +140,30 @@ class Reward(ABC):
         """Compute one value per sample of ``batch`` (``batch.samples[i] is None`` → reward ``None``)."""
 
     # -- internals --------------------------------------------------------------------------------------------
+
+    def _start_call(
+        self,
+        prompts: Sequence[Any],
+        completions: Sequence[Any],
+        completion_ids: Sequence[Sequence[int]] | None,
+        kwargs: dict[str, Any],
+    ) -> _Call:
+        """Separate TRL's logging hooks and trainer arguments from dataset columns, and validate the batch."""
+        log_metric = kwargs.pop("log_metric", None)
+        log_extra = kwargs.pop("log_extra", None)
+        for key in self.TRAINER_KWARGS:
+            kwargs.pop(key, None)
+        start = time.perf_counter()
+        return _Call(
+            self._make_batch(prompts, completions, completion_ids, kwargs), start, log_metric, log_extra
+        )
+
+    def _finish_call(self, call: _Call, output: RewardOutput) -> list[float | None]:
+        """Check the computed output, report statistics, and return the rewards."""
+        output = self._check_output(output, call.batch)
+        seconds = time.perf_counter() - call.start
+        self._report(output, call.batch, seconds, call.log_metric, call.log_extra)
+        return output.rewards
 
     def _make_batch(
         self,

@@ -10,8 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import httpx
@@ -91,15 +90,8 @@ class RemoteRM(Reward):
         completion_ids: Sequence[Sequence[int]] | None = None,
         **kwargs: Any,
     ) -> list[float | None]:
-        log_metric: Callable[[str, float], None] | None = kwargs.pop("log_metric", None)
-        log_extra: Callable[[str, list], None] | None = kwargs.pop("log_extra", None)
-        for key in self.TRAINER_KWARGS:
-            kwargs.pop(key, None)
-        start = time.perf_counter()
-        batch = self._make_batch(prompts, completions, completion_ids, kwargs)
-        output = self._check_output(await self.acompute(batch), batch)
-        self._report(output, batch, time.perf_counter() - start, log_metric, log_extra)
-        return output.rewards
+        call = self._start_call(prompts, completions, completion_ids, kwargs)
+        return self._finish_call(call, await self.acompute(call.batch))
 
     def score(self, prompts: Sequence[Any], completions: Sequence[Any], **columns: Any) -> list[float | None]:
         """Score prompt/completion pairs synchronously (same numbers as awaiting the reward)."""
