@@ -10,6 +10,7 @@ from rh_trl.rewards.cloud import CLOUD_PREAMBLE, CLoud, CLoudModel
 from rh_trl.testing import bpe_tokenizer, tiny_causal_lm
 
 from .chat_server import ServerThread, free_port, make_app
+from .trainer_runs import prompt_dataset, train_grpo
 
 TOL = 1e-5
 PROMPTS = [
@@ -134,35 +135,12 @@ def test_server_critiques_and_failure(cloud_model, tok):
 
 
 def test_grpo_two_steps(tmp_path, cloud_model, tok):
-    from datasets import Dataset
-    from trl import GRPOConfig, GRPOTrainer
-
-    from rh_trl.testing import bundled_prompts
-
     policy_tok = bpe_tokenizer("llama")
     rm = CLoud(cloud_model, tok, max_new_tokens=4, device="cpu", name="cloud_grpo")
-    data = Dataset.from_list([{"prompt": r["prompt"]} for r in bundled_prompts()[:8]])
-    args = GRPOConfig(
-        output_dir=str(tmp_path),
-        num_generations=4,
-        max_steps=2,
-        per_device_train_batch_size=4,
-        max_completion_length=6,
-        logging_steps=1,
-        report_to="none",
-        bf16=False,
-        use_cpu=True,
-        save_strategy="no",
-        seed=0,
+    policy = tiny_causal_lm(policy_tok, seed=5)
+    trainer = train_grpo(
+        tmp_path, policy, policy_tok, [rm], dataset=prompt_dataset(8), max_completion_length=6
     )
-    trainer = GRPOTrainer(
-        model=tiny_causal_lm(policy_tok, seed=5),
-        reward_funcs=[rm],
-        args=args,
-        train_dataset=data,
-        processing_class=policy_tok,
-    )
-    trainer.train()
     logs = [h for h in trainer.state.log_history if "rewards/cloud_grpo/mean" in h]
     assert len(logs) == 2
     assert all(h["cloud_grpo/num_none"] == 0 for h in logs)

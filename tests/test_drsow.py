@@ -17,6 +17,7 @@ from rh_trl.rewards.drsow import DrSow
 from rh_trl.testing import tiny_causal_lm
 
 from .conftest import CONV_COMPLETIONS, CONV_PROMPTS, TEXT_COMPLETIONS, TEXT_PROMPTS
+from .trainer_runs import train_grpo
 
 TOL = 1e-4
 
@@ -248,22 +249,10 @@ def test_vllm_engine_import_error_names_the_extra():
 
 @pytest.mark.slow
 def test_grpo_two_steps_with_drsow(tmp_path, policy, llama_tok, strong_lm, weak_lm, chatml_tok):
-    from trl import GRPOConfig, GRPOTrainer
-
-    from .test_trainers import COMMON, prompt_dataset
-
     drsow = DrSow(
         strong_lm, weak_lm, strong_tokenizer=llama_tok, weak_tokenizer=chatml_tok, name="drsow_tiny"
     )
-    args = GRPOConfig(output_dir=str(tmp_path), num_generations=4, max_steps=2, **COMMON)
-    trainer = GRPOTrainer(
-        model=policy,
-        reward_funcs=[drsow],
-        args=args,
-        train_dataset=prompt_dataset(),
-        processing_class=llama_tok,
-    )
-    trainer.train()
+    trainer = train_grpo(tmp_path, policy, llama_tok, [drsow])
     logs = [h for h in trainer.state.log_history if "rewards/drsow_tiny/mean" in h]
     assert len(logs) == 2
     for h in logs:

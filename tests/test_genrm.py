@@ -23,6 +23,7 @@ from rh_trl.rewards.genrm_templates import (
 from rh_trl.testing import bpe_tokenizer, tiny_causal_lm
 
 from .chat_server import ServerThread, free_port, make_app
+from .trainer_runs import prompt_dataset, train_grpo
 
 FAST_RETRY = RetryPolicy(attempts=2, initial=0.01, max=0.02, timeout=5.0)
 
@@ -270,37 +271,11 @@ def test_local_engine_with_scripted_generation(judge_lm, chatml, monkeypatch):
 
 
 def test_grpo_two_steps_with_chat_server(tmp_path, server_url):
-    from datasets import Dataset
-    from trl import GRPOConfig, GRPOTrainer
-
-    from rh_trl.testing import bundled_prompts
-
     url, _ = server_url
     tok = bpe_tokenizer("llama")
     rm = GenRM("judge-7b", base_url=url, name="genrm_test", retry=FAST_RETRY)
-    rows = bundled_prompts()[:8]
-    data = Dataset.from_list([{"prompt": r["prompt"]} for r in rows])
-    args = GRPOConfig(
-        output_dir=str(tmp_path),
-        num_generations=4,
-        max_steps=2,
-        per_device_train_batch_size=4,
-        max_completion_length=6,
-        logging_steps=1,
-        report_to="none",
-        bf16=False,
-        use_cpu=True,
-        save_strategy="no",
-        seed=0,
-    )
-    trainer = GRPOTrainer(
-        model=tiny_causal_lm(tok, seed=5),
-        reward_funcs=[rm],
-        args=args,
-        train_dataset=data,
-        processing_class=tok,
-    )
-    trainer.train()
+    policy = tiny_causal_lm(tok, seed=5)
+    trainer = train_grpo(tmp_path, policy, tok, [rm], dataset=prompt_dataset(8), max_completion_length=6)
     logs = [h for h in trainer.state.log_history if "genrm_test/num_unparsed" in h]
     assert len(logs) == 2
     for h in logs:

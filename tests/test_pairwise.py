@@ -11,6 +11,8 @@ from rh_trl.formatting import RewardInputError
 from rh_trl.rewards.pairwise import PairwisePM
 from rh_trl.testing import bpe_tokenizer, tiny_causal_lm
 
+from .trainer_runs import prompt_dataset, train_grpo
+
 TOL = 1e-5
 
 
@@ -141,34 +143,9 @@ def test_tokenizer_without_single_token_letters(lm):
 
 
 def test_grpo_two_steps(tmp_path, tok, lm):
-    from datasets import Dataset
-    from trl import GRPOConfig, GRPOTrainer
-
-    from rh_trl.testing import bundled_prompts
-
     pm = PairwisePM(lm, tok, name="pairpm_test")
-    data = Dataset.from_list([{"prompt": r["prompt"]} for r in bundled_prompts()[:8]])
-    args = GRPOConfig(
-        output_dir=str(tmp_path),
-        num_generations=4,
-        max_steps=2,
-        per_device_train_batch_size=4,
-        max_completion_length=6,
-        logging_steps=1,
-        report_to="none",
-        bf16=False,
-        use_cpu=True,
-        save_strategy="no",
-        seed=0,
-    )
-    trainer = GRPOTrainer(
-        model=tiny_causal_lm(tok, seed=5),
-        reward_funcs=[pm],
-        args=args,
-        train_dataset=data,
-        processing_class=tok,
-    )
-    trainer.train()
+    policy = tiny_causal_lm(tok, seed=5)
+    trainer = train_grpo(tmp_path, policy, tok, [pm], dataset=prompt_dataset(8), max_completion_length=6)
     logs = [h for h in trainer.state.log_history if "rewards/pairpm_test/mean" in h]
     assert len(logs) == 2
     for h in logs:

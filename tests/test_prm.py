@@ -14,6 +14,8 @@ from rh_trl.rewards.prm import PRM, QWEN_MATH_SYSTEM_PROMPT
 from rh_trl.rewards.prm_steps import AGGREGATIONS, split_steps
 from rh_trl.testing import bpe_tokenizer, tiny_causal_lm, tiny_llama_config
 
+from .trainer_runs import prompt_dataset, train_grpo
+
 TOL = 1e-5
 SEP = "<extra_0>"
 TAG = "ки"
@@ -430,22 +432,9 @@ def test_vllm_missing_names_the_extra():
 
 @pytest.mark.slow
 def test_grpo_two_steps_with_prm(tmp_path, rlhflow_style, llama_tok, policy):
-    from datasets import Dataset
-    from trl import GRPOConfig, GRPOTrainer
-
-    from rh_trl.testing import bundled_prompts
-
-    from .test_trainers import COMMON
-
     lm, tok = rlhflow_style
     prm = PRM(lm, tok, kind="next_token", name="step_prm")
-    rows = bundled_prompts()[:8]
-    dataset = Dataset.from_list([{"prompt": r["prompt"]} for r in rows])
-    args = GRPOConfig(output_dir=str(tmp_path), num_generations=4, max_steps=2, **COMMON)
-    trainer = GRPOTrainer(
-        model=policy, reward_funcs=[prm], args=args, train_dataset=dataset, processing_class=llama_tok
-    )
-    trainer.train()
+    trainer = train_grpo(tmp_path, policy, llama_tok, [prm], dataset=prompt_dataset(8))
     logs = [h for h in trainer.state.log_history if "rewards/step_prm/mean" in h]
     assert len(logs) == 2
     for h in logs:

@@ -22,7 +22,7 @@ from rh_trl.rewards.base import Reward, RewardOutput  # noqa: E402
 from rh_trl.rewards.remote import RemoteRM  # noqa: E402
 
 from .test_server import ThreadServer, free_port, server_config  # noqa: E402
-from .test_trainers import COMMON, prompt_dataset  # noqa: E402
+from .trainer_runs import COMMON, prompt_dataset  # noqa: E402
 
 FAST = RetryPolicy(attempts=2, initial=0.05, max=0.1, timeout=10)
 KEY = "test-key"

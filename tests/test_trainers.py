@@ -5,27 +5,10 @@ from __future__ import annotations
 import math
 
 import pytest
-from datasets import Dataset
 
 import rh_trl
-from rh_trl.testing import bundled_prompts
 
-COMMON = {
-    "per_device_train_batch_size": 4,
-    "max_completion_length": 8,
-    "learning_rate": 1e-4,
-    "logging_steps": 1,
-    "report_to": "none",
-    "bf16": False,
-    "use_cpu": True,
-    "save_strategy": "no",
-    "seed": 0,
-}
-
-
-def prompt_dataset(n: int = 16) -> Dataset:
-    rows = bundled_prompts()[:n]
-    return Dataset.from_list([{"prompt": r["prompt"], "topic": f"t{i}"} for i, r in enumerate(rows)])
+from .trainer_runs import COMMON, prompt_dataset, train_grpo
 
 
 def completion_length(completions, **kwargs) -> list[float]:
@@ -34,8 +17,6 @@ def completion_length(completions, **kwargs) -> list[float]:
 
 
 def test_grpo_two_steps_with_orm_and_plain_function(tmp_path, policy, llama_tok, rm_minilm, minilm_tok):
-    from trl import GRPOConfig, GRPOTrainer
-
     orm = rh_trl.ORM(rm_minilm, minilm_tok, name="minilm_rm")
     seen_columns: list[str] = []
 
@@ -43,15 +24,7 @@ def test_grpo_two_steps_with_orm_and_plain_function(tmp_path, policy, llama_tok,
         seen_columns.extend(kwargs)
         return [0.0] * len(prompts)
 
-    args = GRPOConfig(output_dir=str(tmp_path), num_generations=4, max_steps=2, **COMMON)
-    trainer = GRPOTrainer(
-        model=policy,
-        reward_funcs=[orm, completion_length, record],
-        args=args,
-        train_dataset=prompt_dataset(),
-        processing_class=llama_tok,
-    )
-    trainer.train()
+    trainer = train_grpo(tmp_path, policy, llama_tok, [orm, completion_length, record])
     logs = [h for h in trainer.state.log_history if "rewards/minilm_rm/mean" in h]
     assert len(logs) == 2
     for h in logs:
