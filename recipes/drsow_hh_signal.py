@@ -27,7 +27,7 @@ import torch  # noqa: E402
 from rh_trl.formatting import ChatFormatter, to_sample  # noqa: E402
 from rh_trl.preference_data import PreferenceDataError, read_records, split_pairs, to_pair  # noqa: E402
 from rh_trl.rewards.drsow import DrSow  # noqa: E402
-from rh_trl.testing import LLAMA_STYLE_TEMPLATE, tiny_causal_lm  # noqa: E402
+from rh_trl.testing import bpe_tokenizer, tiny_causal_lm  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:
@@ -46,36 +46,6 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args()
-
-
-def train_tokenizer(texts: list[str], vocab_size: int):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["<s>", "</s>", "<pad>", "<|user|>", "<|assistant|>", "<|system|>"]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
-    tok.train_from_iterator(texts, trainer)
-    bos = tok.token_to_id("<s>")
-    tok.post_processor = processors.Sequence(
-        [
-            processors.ByteLevel(trim_offsets=False),
-            processors.TemplateProcessing(
-                single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)]
-            ),
-        ]
-    )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token="<s>",
-        eos_token="</s>",
-        pad_token="<pad>",
-        chat_template=LLAMA_STYLE_TEMPLATE,
-    )
 
 
 def sequences(pairs, keys: tuple[str, ...], formatter: ChatFormatter, max_length: int) -> list[list[int]]:
@@ -147,7 +117,7 @@ def main() -> None:
     train_pairs, eval_pairs = split_pairs(pairs, args.eval_pairs / len(pairs), seed=args.seed)
     train_pairs = train_pairs[: args.train_pairs]
     texts = [m["content"] for p in train_pairs for m in [*p["prompt"], *p["chosen"], *p["rejected"]]]
-    tok = train_tokenizer(texts, args.vocab_size)
+    tok = bpe_tokenizer("llama", vocab_size=args.vocab_size, corpus=texts)
     formatter = ChatFormatter(tok, add_eos=False)
     everything = sequences(train_pairs, ("chosen", "rejected"), formatter, args.max_length)
     chosen = sequences(train_pairs, ("chosen",), formatter, args.max_length)

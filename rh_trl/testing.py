@@ -37,8 +37,10 @@ def _corpus() -> list[str]:
     return [*words, extra] * 4
 
 
-def bpe_tokenizer(style: TokenizerStyle = "llama", vocab_size: int = 512) -> Any:
-    """A byte-level BPE tokenizer trained on the bundled prompts, with a chat template.
+def bpe_tokenizer(
+    style: TokenizerStyle = "llama", vocab_size: int = 512, corpus: list[str] | None = None
+) -> Any:
+    """A byte-level BPE tokenizer trained on ``corpus`` (default: the bundled prompts), with a chat template.
 
     ``"llama"``: BOS ``<s>`` added by the tokenizer and by its template, EOS ``</s>``, ``<|role|>`` headers.
     ``"chatml"``: no BOS, ``<|im_start|>``/``<|im_end|>`` turns, EOS ``<|im_end|>``, pad ``<|endoftext|>``.
@@ -58,7 +60,7 @@ def bpe_tokenizer(style: TokenizerStyle = "llama", vocab_size: int = 512) -> Any
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
     )
-    tok.train_from_iterator(_corpus(), trainer)
+    tok.train_from_iterator(corpus if corpus is not None else _corpus(), trainer)
     if style == "llama":
         bos = tok.token_to_id("<s>")
         tok.post_processor = processors.Sequence(
