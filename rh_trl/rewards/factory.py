@@ -46,15 +46,16 @@ def reward_class(name: str) -> Callable[..., Reward]:
     if name not in REWARD_TYPES:
         raise ValueError(f"unknown reward type '{name}'; known types: {sorted(REWARD_TYPES)}")
     target: Any = REWARD_TYPES[name]
-    if not isinstance(target, str):
-        return target
+    return target if not isinstance(target, str) else import_target(target, f"reward type '{name}'")
+
+
+def import_target(target: str, what: str = "the reward") -> Any:
+    """The object a ``"package.module:attribute"`` string names, imported on demand."""
     module_name, _, attribute = target.partition(":")
     try:
         module = importlib.import_module(module_name)
     except ImportError as err:
-        raise ImportError(
-            f"reward type '{name}' needs {module_name}, which could not be imported: {err}"
-        ) from err
+        raise ImportError(f"{what} needs {module_name}, which could not be imported: {err}") from err
     return getattr(module, attribute)
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -10,6 +9,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from rh_trl.rewards import factory
 from rh_trl.rewards.base import Reward
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
@@ -111,9 +111,9 @@ def build_reward(spec: RewardSpec) -> Reward:
     options = dict(spec.options)
     options.setdefault("name", spec.name)
     if spec.type == "orm":
-        from rh_trl.rewards.orm import ORM
-
-        reward: Any = ORM(spec.model, spec.tokenizer, **options)
+        reward: Any = factory.build_reward(
+            {"type": "orm", "model": spec.model, "tokenizer": spec.tokenizer, **options}
+        )
     elif spec.type == "tiny":
         from rh_trl.rewards.orm import ORM
         from rh_trl.testing import bpe_tokenizer, tiny_reward_model
@@ -123,9 +123,7 @@ def build_reward(spec: RewardSpec) -> Reward:
         tok = bpe_tokenizer(style)
         reward = ORM(tiny_reward_model(tok, **model_kwargs), tok, **options)
     else:
-        module_name, _, attr = str(spec.target).partition(":")
-        factory = getattr(importlib.import_module(module_name), attr)
-        reward = factory(**options)
+        reward = factory.import_target(str(spec.target), f"reward '{spec.name}'")(**options)
     if not isinstance(reward, Reward):
         raise TypeError(f"reward '{spec.name}' built a {type(reward).__name__}; expected an rh_trl Reward")
     return reward
