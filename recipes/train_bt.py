@@ -25,11 +25,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch
 from datasets import Dataset
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, set_seed
 from trl import ModelConfig, RewardConfig, RewardTrainer, TrlParser, get_peft_config
 
 import rh_trl
-from rh_trl.evaluation import accuracy_report, score_pairs
+from rh_trl.evaluation import accuracy_report, score_pairs, shorter_reply
 from rh_trl.formatting import ChatFormatter
 from rh_trl.preference_data import FORMATS, load_pairs, split_pairs, tokenize_pairs
 
@@ -61,6 +61,9 @@ class BTArguments:
     tokenizer_name_or_path: str | None = None
     stats_pairs: int = field(
         default=512, metadata={"help": "training pairs scored for reward_mean/reward_std"}
+    )
+    eval_before_training: bool = field(
+        default=True, metadata={"help": "also report the held-out accuracy of the model before training"}
     )
 
 
@@ -115,11 +118,29 @@ def reward_statistics(reward: rh_trl.ORM, pairs: list[dict]) -> tuple[float, flo
     return statistics.fmean(values), statistics.pstdev(values) or 1.0
 
 
+def held_out_accuracy(reward: Any, pairs: list[dict]) -> float:
+    chosen, rejected = score_pairs(reward, pairs, progress=False)
+    return accuracy_report(pairs, chosen, rejected)["accuracy"]
+
+
+def scoring_reward(model: Any, tokenizer: Any, formatter: ChatFormatter, bt_args: BTArguments, device: Any):
+    """The model as ``rh_trl.ORM`` scores it after saving, without normalization."""
+    return rh_trl.ORM(
+        model,
+        tokenizer,
+        max_length=bt_args.truncation_length,
+        chat_template=formatter.template or False,
+        normalize=False,
+        device=device,
+    )
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     parser = TrlParser((BTArguments, RewardConfig, ModelConfig))
     bt_args, training_args, model_args = parser.parse_args_and_config(argv)
     training_args.max_length = None  # pairs are truncated here, from the left, instead of being dropped
+    set_seed(training_args.seed)  # the new reward head's initialization is part of the run
 
     model, tokenizer = load_model_and_tokenizer(model_args, bt_args)
     formatter = ChatFormatter(
@@ -134,6 +155,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"{counts['truncated']} sides; responses longer than that on their own: {counts['response_truncated']}"
     )
     eval_dataset = Dataset.from_list(tokenize_pairs(eval_pairs, formatter)[0]) if eval_pairs else None
+    summary: dict[str, Any] = {"train_pairs": counts["pairs"], "truncated": counts["truncated"]}
+    if eval_pairs:
+        summary["eval_pairs"] = len(eval_pairs)
+        summary["eval_accuracy_shorter_reply"] = held_out_accuracy(shorter_reply, eval_pairs)
+        if bt_args.eval_before_training:
+            untrained = scoring_reward(model, tokenizer, formatter, bt_args, training_args.device)
+            summary["eval_accuracy_before_training"] = held_out_accuracy(untrained, eval_pairs)
 
     trainer = RewardTrainer(
         model=model,
@@ -149,25 +177,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
         trainer.model = model
-    reward = rh_trl.ORM(
-        model,
-        tokenizer,
-        max_length=bt_args.truncation_length,
-        chat_template=formatter.template or False,
-        normalize=False,
-        device=trainer.accelerator.device,
-    )
+    reward = scoring_reward(model, tokenizer, formatter, bt_args, trainer.accelerator.device)
     mean, std = reward_statistics(reward, train_pairs[: bt_args.stats_pairs])
     model.config.reward_mean, model.config.reward_std = mean, std
     trainer.save_model(training_args.output_dir)
 
-    summary: dict[str, Any] = {"train_pairs": counts["pairs"], "truncated": counts["truncated"]}
     summary["reward_mean"], summary["reward_std"] = mean, std
     if eval_pairs:
-        chosen, rejected = score_pairs(reward, eval_pairs, progress=False)
-        report = accuracy_report(eval_pairs, chosen, rejected)
-        summary["eval_pairs"], summary["eval_accuracy"] = len(eval_pairs), report["accuracy"]
-        print(f"held-out accuracy: {report['accuracy']:.4f} on {len(eval_pairs)} pairs")
+        summary["eval_accuracy"] = held_out_accuracy(reward, eval_pairs)
+        print(f"held-out accuracy on {len(eval_pairs)} pairs: trained {summary['eval_accuracy']:.4f}", end="")
+        if "eval_accuracy_before_training" in summary:
+            print(f", before training {summary['eval_accuracy_before_training']:.4f}", end="")
+        print(f", shorter final reply wins {summary['eval_accuracy_shorter_reply']:.4f}")
     if trainer.accelerator.is_main_process:
         tokenizer.save_pretrained(training_args.output_dir)
         Path(training_args.output_dir, "bt_summary.json").write_text(json.dumps(summary, indent=2))

@@ -30,7 +30,8 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _annotate(args: argparse.Namespace) -> int:
+def _run_func(args: argparse.Namespace) -> int:
+    """Commands that bring their own parser set ``func``; their result is printed by themselves."""
     args.func(args)
     return 0
 
@@ -56,9 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
     srv.set_defaults(handler=_serve)
 
     from rh_trl.annotate import add_annotate_command
+    from rh_trl.eval_command import add_eval_command
 
-    annotate = add_annotate_command(commands)
-    annotate.set_defaults(handler=_annotate)
+    for add_command in (add_annotate_command, add_eval_command):
+        add_command(commands).set_defaults(handler=_run_func)
     return parser
 
 

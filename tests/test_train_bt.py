@@ -27,6 +27,8 @@ def test_train_bt_single_process_then_orm(tmp_path):
 
     summary = train_bt.main(["--config", str(ROOT / "configs/bt/tiny.yaml"), "--output_dir", str(tmp_path)])
     assert summary["eval_accuracy"] > 0.9  # the synthetic signal is easy
+    assert summary["eval_accuracy_before_training"] < summary["eval_accuracy"] - 0.2
+    assert 0.0 <= summary["eval_accuracy_shorter_reply"] <= 1.0
     reward = rh_trl.ORM(str(tmp_path), dtype="float32", device="cpu")
     assert reward.norm == pytest.approx((summary["reward_mean"], summary["reward_std"]))
     normalized = reward.score(PROMPTS, COMPLETIONS)
@@ -82,3 +84,29 @@ def test_eval_rm_recipe(tmp_path):
     assert (tmp_path / "m.png").stat().st_size > 0
     tiny = eval_rm.main(["--model", "rh_trl:tiny-rm", "--data", str(data)])
     assert tiny["scored"] == 2
+
+
+def test_rh_trl_eval_command_matches_python_scores(tmp_path, capsys):
+    from rh_trl.cli import main
+    from rh_trl.rewards.factory import build_reward
+
+    rows = [
+        {"prompt": f"Question {i}?", "chosen": "yes " * (i + 1), "rejected": "no, because " * (5 - i)}
+        for i in range(5)
+    ]
+    data = tmp_path / "prefs.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows))
+    assert (
+        main(["eval", "--model", "rh_trl:tiny-rm", "--data", str(data), "--output", str(tmp_path / "r.json")])
+        == 0
+    )
+    report = json.loads((tmp_path / "r.json").read_text())
+
+    reward = build_reward({"type": "orm", "model": "rh_trl:tiny-rm"})
+    prompts = [r["prompt"] for r in rows]
+    chosen = reward.score(prompts, [r["chosen"] for r in rows])
+    rejected = reward.score(prompts, [r["rejected"] for r in rows])
+    expected = sum(c > r for c, r in zip(chosen, rejected, strict=True)) / len(rows)
+    assert report["accuracy"] == expected
+    assert report["scored"] == 5
+    assert "accuracy" in capsys.readouterr().out
