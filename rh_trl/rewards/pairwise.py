@@ -145,6 +145,47 @@ def group_win_rates(
 # ----------------------------------------------------------------------------------------------------------------
 
 
+ANSWERS = ("A", "B")
+
+
+def answer_token_ids(tokenizer: Any) -> list[int]:
+    """The ids of the answers ``A`` and ``B``, each of which must be a single token."""
+    ids = []
+    for letter in ANSWERS:
+        encoded = tokenizer.encode(letter, add_special_tokens=False)
+        if len(encoded) != 1:
+            raise ValueError(
+                f"the tokenizer splits '{letter}' into {len(encoded)} tokens {encoded}; a pairwise preference "
+                "model needs 'A' and 'B' to be single tokens (its answer is read from their two logits)"
+            )
+        ids.append(int(encoded[0]))
+    return ids
+
+
+def render_comparison(
+    tokenizer: Any,
+    context: str,
+    response_a: str,
+    response_b: str,
+    *,
+    chat_template: str | None = None,
+    strip_bos: bool = True,
+) -> str:
+    """The text a pairwise model reads for a flattened ``context`` and two response texts (A first): one user
+    turn through the chat template with its generation prompt, a leading BOS removed when ``strip_bos``."""
+    content = PAIR_PROMPT.format(context=context, response_a=response_a, response_b=response_b)
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": content}],
+        chat_template=chat_template,
+        tokenize=False,
+        add_generation_prompt=True,
+    )
+    bos = getattr(tokenizer, "bos_token", None)
+    if strip_bos and bos and text.startswith(bos):
+        text = text[len(bos) :]
+    return text
+
+
 class _ChoiceLogits(torch.nn.Module):
     """A causal LM that returns only the logits of a few tokens at each row's last real position.
 
@@ -248,7 +289,7 @@ class PairwisePM(Reward):
                 "the pairwise model's tokenizer has no chat template; pass chat_template='…' (the template the "
                 "model was trained with)"
             )
-        self.token_ids = [self._single_token(t) for t in ("A", "B")]
+        self.token_ids = answer_token_ids(self.tokenizer)
         self.group_size = group_size
         self.reference_column = reference_column
         self.temperature = temperature
@@ -262,34 +303,18 @@ class PairwisePM(Reward):
             progress=progress,
         )
 
-    def _single_token(self, text: str) -> int:
-        ids = self.tokenizer.encode(text, add_special_tokens=False)
-        if len(ids) != 1:
-            raise ValueError(
-                f"the tokenizer splits '{text}' into {len(ids)} tokens {ids}; a pairwise preference model needs "
-                "'A' and 'B' to be single tokens (its answer is read from their two logits)"
-            )
-        return int(ids[0])
-
     # -- rendering ------------------------------------------------------------------------------------------------
 
     def render(self, prompt: Any, response_a: Any, response_b: Any) -> str:
         """The text the model reads for one ordered comparison (A first)."""
-        content = PAIR_PROMPT.format(
-            context=flatten_context(prompt),
-            response_a=response_text(response_a),
-            response_b=response_text(response_b),
-        )
-        text = self.tokenizer.apply_chat_template(
-            [{"role": "user", "content": content}],
+        return render_comparison(
+            self.tokenizer,
+            flatten_context(prompt),
+            response_text(response_a),
+            response_text(response_b),
             chat_template=self.template,
-            tokenize=False,
-            add_generation_prompt=True,
+            strip_bos=self.strip_bos,
         )
-        bos = getattr(self.tokenizer, "bos_token", None)
-        if self.strip_bos and bos and text.startswith(bos):
-            text = text[len(bos) :]
-        return text
 
     def encode(self, prompt: Any, response_a: Any, response_b: Any) -> list[int]:
         ids = self.tokenizer(self.render(prompt, response_a, response_b), add_special_tokens=False)[
