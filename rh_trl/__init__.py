@@ -4,6 +4,7 @@ from rh_trl.engines import HFEngine
 from rh_trl.engines.http import RetryPolicy
 from rh_trl.formatting import ChatFormatter, RewardInputError, Sample
 from rh_trl.loading import ModelLoadError
+from rh_trl.registry import UnknownModelError, load, register_model, resolve
 from rh_trl.rewards import (
     ORM,
     PRM,
@@ -44,5 +45,9 @@ __all__ = [
     "RewardOutput",
     "Sample",
     "register_orm_adapter",
+    "load",
+    "register_model",
+    "resolve",
+    "UnknownModelError",
     "__version__",
 ]

@@ -58,8 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     from rh_trl.annotate import add_annotate_command
     from rh_trl.eval_command import add_eval_command
+    from rh_trl.score_command import add_score_command
 
-    for add_command in (add_annotate_command, add_eval_command):
+    for add_command in (add_annotate_command, add_eval_command, add_score_command):
         add_command(commands).set_defaults(handler=_run_func)
     return parser
 

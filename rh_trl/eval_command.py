@@ -6,7 +6,7 @@ with a JSON report and a margin plot.
     rh-trl eval --baseline shorter --data ../shared/data/llmbar
     rh-trl eval --reward configs/eval/skywork.yaml --data prefs.jsonl --output report.json
 
-``--model`` is a reward-model directory or hub id (scored with ``rh_trl.ORM``), ``rh_trl:minilm`` (the
+``--model`` is a reward-model directory or hub id (its class chosen by ``rh_trl.load``), ``rh_trl:minilm`` (the
 pretrained MiniLM encoder with an untrained head: the chance baseline) or ``rh_trl:tiny-rm``; ``--reward`` is a
 YAML/JSON reward spec (``{"type": "orm", "model": …}``, see ``rh_trl.rewards.factory``); ``--baseline
 shorter`` is the "shorter final reply wins" heuristic. ``--data`` takes files (TRL preference, RLHFlow, HH
@@ -36,7 +36,10 @@ DATA_SUFFIXES = (".json", ".jsonl", ".jsonl.gz", ".parquet")
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The evaluation options, shared by ``rh-trl eval`` and ``recipes/eval_rm.py``."""
     which = parser.add_mutually_exclusive_group(required=True)
-    which.add_argument("--model", help="reward-model path / hub id, rh_trl:minilm or rh_trl:tiny-rm")
+    which.add_argument(
+        "--model",
+        help="reward-model path / hub id (any family rh_trl.load knows), rh_trl:minilm or rh_trl:tiny-rm",
+    )
     which.add_argument("--reward", help="a YAML or JSON file with a reward spec")
     which.add_argument("--baseline", choices=["shorter"], help="a heuristic baseline")
     parser.add_argument("--data", nargs="+", required=True, help="preference files or directories of them")
@@ -101,7 +104,7 @@ def build(args: argparse.Namespace) -> tuple[Any, str]:
     if args.reward:
         spec = yaml.safe_load(Path(args.reward).read_text())
         return build_reward(spec), args.reward
-    options: dict[str, Any] = {"max_length": args.max_length, "progress": False}
+    options: dict[str, Any] = {} if args.max_length is None else {"max_length": args.max_length}
     if args.chat_template == "plain":
         options["chat_template"] = False
     if args.model == "rh_trl:minilm":
@@ -113,9 +116,7 @@ def build(args: argparse.Namespace) -> tuple[Any, str]:
         torch.manual_seed(args.seed)
         model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1)
         return rh_trl.ORM(model, AutoTokenizer.from_pretrained(path), **options), "MiniLM, untrained head"
-    if args.model.startswith("rh_trl:"):
-        return build_reward({"type": "orm", "model": args.model, **options}), args.model
-    return rh_trl.ORM(args.model, **options), args.model
+    return rh_trl.load(args.model, **options), args.model
 
 
 def evaluate(args: argparse.Namespace) -> dict[str, Any]:

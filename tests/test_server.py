@@ -293,6 +293,21 @@ def test_config_file_and_exposure_rules(tmp_path, monkeypatch):
         load_config(path)
 
 
+def test_auto_type_builds_the_class_rh_trl_load_picks(tmp_path):
+    from rh_trl.serve.config import RewardSpec, build_reward
+    from rh_trl.testing import tiny_model
+
+    model, tokenizer = tiny_model("tiny-rm")
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    reward = build_reward(RewardSpec(name="judge", type="auto", model=str(tmp_path)))
+    assert isinstance(reward, rh_trl.ORM) and reward.__name__ == "judge"
+    direct = rh_trl.ORM(str(tmp_path)).score(TEXT_PROMPTS, TEXT_COMPLETIONS)
+    assert reward.score(TEXT_PROMPTS, TEXT_COMPLETIONS) == pytest.approx(direct, abs=1e-6)
+    with pytest.raises(ValueError, match="type 'auto' needs model"):
+        RewardSpec(name="a", type="auto")
+
+
 def test_shipped_configs_are_valid():
     from pathlib import Path
 

@@ -28,6 +28,7 @@ REWARD_TYPES: dict[str, str] = {
     "prm": "rh_trl.rewards.prm:PRM",
     "drsow": "rh_trl.rewards.drsow:DrSow",
     "remote": "rh_trl.rewards.remote:RemoteRM",
+    "auto": "rh_trl.registry:load",  # the class is chosen from the model (rh_trl.load)
 }
 
 #: arguments that hold a model (and the tokenizer argument that goes with each)

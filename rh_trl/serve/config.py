@@ -18,7 +18,8 @@ LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 class RewardSpec(BaseModel):
     """One hosted reward.
 
-    ``type``: ``"orm"`` builds ``rh_trl.ORM(model, tokenizer, **options)``; ``"tiny"`` builds an ORM on a tiny
+    ``type``: ``"orm"`` builds ``rh_trl.ORM(model, tokenizer, **options)``; ``"auto"`` builds whatever class
+    ``rh_trl.load(model, **options)`` picks for the model (PRM, PairwisePM, CLoud, …); ``"tiny"`` builds an ORM on a tiny
     random model with an offline tokenizer (``options``: ``style`` "llama"/"chatml", ``seed``, ``layers``,
     ``hidden``, plus ORM options) for demos; ``"python"`` calls ``target`` (``"package.module:factory"``)
     with ``options`` and expects an :class:`~rh_trl.Reward`.
@@ -32,7 +33,7 @@ class RewardSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.:/-]+$")
-    type: Literal["orm", "tiny", "python"] = "orm"
+    type: Literal["orm", "auto", "tiny", "python"] = "orm"
     model: str | None = None
     tokenizer: str | None = None
     target: str | None = None
@@ -48,8 +49,8 @@ class RewardSpec(BaseModel):
 
     @model_validator(mode="after")
     def _check_type_fields(self) -> RewardSpec:
-        if self.type == "orm" and not self.model:
-            raise ValueError(f"reward '{self.name}': type 'orm' needs model: <path or hub id>")
+        if self.type in ("orm", "auto") and not self.model:
+            raise ValueError(f"reward '{self.name}': type '{self.type}' needs model: <path or hub id>")
         if self.type == "python" and (not self.target or ":" not in self.target):
             raise ValueError(f"reward '{self.name}': type 'python' needs target: 'package.module:factory'")
         return self
@@ -110,10 +111,10 @@ def build_reward(spec: RewardSpec) -> Reward:
     """Instantiate the reward that ``spec`` describes (named after the spec)."""
     options = dict(spec.options)
     options.setdefault("name", spec.name)
-    if spec.type == "orm":
-        reward: Any = factory.build_reward(
-            {"type": "orm", "model": spec.model, "tokenizer": spec.tokenizer, **options}
-        )
+    if spec.type in ("orm", "auto"):
+        if spec.tokenizer:
+            options["tokenizer"] = spec.tokenizer
+        reward: Any = factory.build_reward({"type": spec.type, "model": spec.model, **options})
     elif spec.type == "tiny":
         from rh_trl.rewards.orm import ORM
         from rh_trl.testing import bpe_tokenizer, tiny_reward_model

@@ -1,0 +1,265 @@
+"""``rh-trl score``: score the prompt/completion rows of a file with any reward and write them back with a reward
+column.
+
+    rh-trl score --model Skywork/Skywork-Reward-V2-Llama-3.1-8B --data rows.jsonl --output scored.jsonl
+    rh-trl score --model Qwen/Qwen2.5-Math-PRM-7B --engine vllm --data rows.parquet --column prm
+    rh-trl score --model ./my-prm --family prm --options '{"kind": "next_token"}' --data rows.jsonl
+    rh-trl score --model rh_trl:tiny-rm --data rows.jsonl
+
+The reward is built by :func:`rh_trl.load` (``--model``, ``--engine``, ``--family``, ``--options``). Rows
+(JSONL, JSON or Parquet) hold a ``prompt`` and a ``completion`` in either TRL format (strings, or lists of
+``{"role", "content"}`` messages); their other columns reach the reward as dataset columns (e.g. ``reference``
+for a pairwise model). Rows are scored ``--batch-size`` at a time, in order, and written (``.jsonl`` or
+``.parquet``, by the output's suffix; default ``<input>.scored.jsonl``) with every input column kept and the
+reward in ``--column``; a sample without a reward gets ``null``, never a made-up number. A short summary (rows,
+mean, number of nulls, the reward's counters) is printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from rh_trl.annotate import read_rows
+from rh_trl.registry import ENGINES, FAMILIES, load
+from rh_trl.rewards.base import Reward
+from rh_trl.stats import summarize
+
+logger = logging.getLogger("rh_trl")
+
+OUTPUT_SUFFIXES = (".jsonl", ".parquet")
+#: names a dataset column cannot take: they are the reward call's own arguments
+RESERVED_COLUMNS = ("prompts", "completions", "completion_ids", *Reward.TRAINER_KWARGS)
+
+
+@dataclass
+class ScoreSummary:
+    """What one ``rh-trl score`` run wrote."""
+
+    output: str
+    rows: int
+    num_none: int
+    mean: float
+    std: float
+    min: float
+    max: float
+    reward: str
+    counts: dict[str, int] = field(default_factory=dict)
+
+    def report(self) -> str:
+        lines = [f"scored {self.rows} rows with {self.reward} -> {self.output}"]
+        if self.rows - self.num_none:
+            lines.append(
+                f"  mean {self.mean:.6g}  std {self.std:.6g}  min {self.min:.6g}  max {self.max:.6g}"
+            )
+        lines.append(f"  no reward (null): {self.num_none}")
+        nonzero = {k: v for k, v in sorted(self.counts.items()) if v}
+        if nonzero:
+            lines.append("  " + "  ".join(f"{k} {v}" for k, v in nonzero.items()))
+        return "\n".join(lines)
+
+
+# -- rows -----------------------------------------------------------------------------------------------------
+
+
+def plain(value: Any) -> Any:
+    """A row value as plain Python (Parquet gives numpy arrays and scalars; NaN becomes ``None``)."""
+    if isinstance(value, Mapping):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [plain(v) for v in value]
+    if hasattr(value, "tolist") and not isinstance(value, str | bytes):  # numpy arrays and scalars
+        return plain(value.tolist())
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    return value
+
+
+def default_output(data: str | os.PathLike) -> Path:
+    """``rows.jsonl`` → ``rows.scored.jsonl`` (Parquet input → ``rows.scored.parquet``)."""
+    path = Path(data)
+    suffix = path.suffix if path.suffix in OUTPUT_SUFFIXES else ".jsonl"
+    return path.with_name(f"{path.stem}.scored{suffix}")
+
+
+def write_rows(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> None:
+    """Write rows as JSONL or Parquet (by suffix), through a temporary file so that a crash leaves no half file."""
+    path = Path(path)
+    if path.suffix not in OUTPUT_SUFFIXES:
+        raise ValueError(f"the output must end in {' or '.join(OUTPUT_SUFFIXES)}, got {path}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    if path.suffix == ".parquet":
+        import pandas as pd
+
+        pd.DataFrame(list(rows)).to_parquet(tmp, index=False)
+    else:
+        with open(tmp, "w", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False, allow_nan=False) + "\n")
+    os.replace(tmp, path)
+
+
+def check_rows(rows: Sequence[Mapping[str, Any]], prompt_column: str, completion_column: str) -> None:
+    """Raise a ValueError naming the first row that lacks the prompt or completion column."""
+    for i, row in enumerate(rows):
+        missing = [c for c in (prompt_column, completion_column) if c not in row]
+        if missing:
+            raise ValueError(
+                f"row {i} has no {missing} column (its columns: {sorted(row)}); expected a '{prompt_column}' and "
+                f"a '{completion_column}' per row (TRL's prompt-completion format)"
+            )
+
+
+# -- scoring --------------------------------------------------------------------------------------------------
+
+
+def score_rows(
+    reward: Any,
+    rows: Sequence[Mapping[str, Any]],
+    *,
+    batch_size: int = 64,
+    prompt_column: str = "prompt",
+    completion_column: str = "completion",
+    progress: bool = True,
+) -> tuple[list[float | None], dict[str, int]]:
+    """One reward per row (``None`` where there is none), scored ``batch_size`` rows per call, and the sums of
+    the reward's ``num_*`` counters over the calls."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    check_rows(rows, prompt_column, completion_column)
+    rewards: list[float | None] = []
+    counts: dict[str, int] = {}
+    bar = tqdm(total=len(rows), desc="score", unit="row", disable=not progress)
+    for start in range(0, len(rows), batch_size):
+        batch = rows[start : start + batch_size]
+        names = {k for row in batch for k in row} - {prompt_column, completion_column}
+        clash = sorted(names & set(RESERVED_COLUMNS))
+        if clash:
+            raise ValueError(
+                f"the data has column(s) {clash}, names the reward call uses for its own arguments; rename them"
+            )
+        columns = {name: [row.get(name) for row in batch] for name in sorted(names)}
+        values = reward(
+            [row[prompt_column] for row in batch], [row[completion_column] for row in batch], **columns
+        )
+        if len(values) != len(batch):
+            raise RuntimeError(f"the reward returned {len(values)} values for {len(batch)} rows")
+        rewards += [None if v is None or math.isnan(v) else float(v) for v in values]
+        for key, value in (getattr(reward, "last_stats", None) or {}).items():
+            if key.startswith("num_") and key != "num_none":
+                counts[key] = counts.get(key, 0) + int(value)
+        bar.update(len(batch))
+    bar.close()
+    return rewards, counts
+
+
+def run_score(args: argparse.Namespace) -> ScoreSummary:
+    """Run ``rh-trl score`` from parsed arguments: load, score, write, print the summary."""
+    output = Path(args.output) if args.output else default_output(args.data)
+    if output.suffix not in OUTPUT_SUFFIXES:
+        raise ValueError(f"--output must end in {' or '.join(OUTPUT_SUFFIXES)}, got {output}")
+    rows = [plain(row) for row in read_rows(args.data)]
+    if not rows:
+        raise ValueError(f"{args.data} holds no rows")
+    taken = sorted({args.column} & {k for row in rows for k in row})
+    if taken:
+        raise ValueError(
+            f"the data already has a '{args.column}' column; name the new one with --column (e.g. --column "
+            f"{args.column}_2)"
+        )
+    check_rows(rows, args.prompt_column, args.completion_column)
+    options = json.loads(args.options) if args.options else {}
+    if not isinstance(options, dict):
+        raise ValueError(f"--options must be a JSON object of keyword arguments, got {args.options!r}")
+    reward = load(args.model, engine=args.engine, family=args.family, **options)
+    rewards, counts = score_rows(
+        reward,
+        rows,
+        batch_size=args.batch_size,
+        prompt_column=args.prompt_column,
+        completion_column=args.completion_column,
+        progress=not args.no_progress,
+    )
+    write_rows([{**row, args.column: value} for row, value in zip(rows, rewards, strict=True)], output)
+    stats = summarize(rewards)
+    summary = ScoreSummary(
+        output=str(output),
+        rows=len(rows),
+        num_none=int(stats["num_none"]),
+        mean=stats["mean"],
+        std=stats["std"],
+        min=stats["min"],
+        max=stats["max"],
+        reward=f"{reward.__name__} ({type(reward).__name__})",
+        counts=counts,
+    )
+    print(summary.report())
+    return summary
+
+
+# -- command line ---------------------------------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument(
+        "--model", required=True, help="hub id, local model directory, rh_trl:tiny-rm, or drsow"
+    )
+    parser.add_argument(
+        "--data", required=True, help="JSONL / JSON / Parquet rows with prompt and completion"
+    )
+    parser.add_argument(
+        "--output", default=None, help="scored rows, .jsonl or .parquet (default <data>.scored)"
+    )
+    parser.add_argument("--column", default="reward", help="name of the new column (default: reward)")
+    parser.add_argument("--engine", default="hf", choices=ENGINES, help="where the reward runs (default: hf)")
+    parser.add_argument(
+        "--family", default=None, choices=sorted(FAMILIES), help="pick the reward class by hand"
+    )
+    parser.add_argument(
+        "--options",
+        default=None,
+        metavar="JSON",
+        help="keyword arguments of the reward class, e.g. '{\"max_length\": 4096}'",
+    )
+    parser.add_argument("--batch-size", type=int, default=64, help="rows per reward call (default: 64)")
+    parser.add_argument("--prompt-column", default="prompt")
+    parser.add_argument("--completion-column", default="completion")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    return parser
+
+
+def add_score_command(subparsers: Any) -> argparse.ArgumentParser:
+    """Add the ``score`` command to an argparse ``subparsers``; it runs :func:`run_score` (set as ``func``)."""
+    parser = subparsers.add_parser(
+        "score",
+        help="score prompt/completion rows with any reward model; write them back with a reward column",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_arguments(parser)
+    parser.set_defaults(func=run_score)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> ScoreSummary:
+    """``python -m rh_trl.score_command …``: the score command on its own."""
+    parser = argparse.ArgumentParser(
+        prog="rh-trl score", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    return run_score(add_arguments(parser).parse_args(list(argv) if argv is not None else sys.argv[1:]))
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    main()
