@@ -155,7 +155,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"{counts['truncated']} sides; responses longer than that on their own: {counts['response_truncated']}"
     )
     eval_dataset = Dataset.from_list(tokenize_pairs(eval_pairs, formatter)[0]) if eval_pairs else None
-    summary: dict[str, Any] = {"train_pairs": counts["pairs"], "truncated": counts["truncated"]}
+    summary: dict[str, Any] = {
+        "train_pairs": counts["pairs"],
+        "truncated": counts["truncated"],
+        "num_processes": training_args.world_size,
+    }
     if eval_pairs:
         summary["eval_pairs"] = len(eval_pairs)
         summary["eval_accuracy_shorter_reply"] = held_out_accuracy(shorter_reply, eval_pairs)

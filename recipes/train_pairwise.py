@@ -213,7 +213,9 @@ def tokenize_comparisons(
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def load_model_and_tokenizer(model_args: ModelConfig, args: PairwiseArguments) -> tuple[Any, Any]:
+def load_model_and_tokenizer(
+    model_args: ModelConfig, args: PairwiseArguments, trust_remote_code: bool = False
+) -> tuple[Any, Any]:
     """The causal LM to train: a path / hub id, or a built-in tiny model such as ``rh_trl:tiny-policy``
     (random, offline, for CI)."""
     name = model_args.model_name_or_path
@@ -234,10 +236,11 @@ def load_model_and_tokenizer(model_args: ModelConfig, args: PairwiseArguments) -
             name,
             dtype=dtype,
             attn_implementation=model_args.attn_implementation,
-            trust_remote_code=model_args.trust_remote_code,
+            revision=model_args.model_revision,
+            trust_remote_code=trust_remote_code,
         )
         tokenizer = AutoTokenizer.from_pretrained(
-            args.tokenizer_name_or_path or name, trust_remote_code=model_args.trust_remote_code
+            args.tokenizer_name_or_path or name, trust_remote_code=trust_remote_code
         )
     if args.chat_template:
         tokenizer.chat_template = args.chat_template
@@ -340,7 +343,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     training_args.max_length = args.truncation_length if training_args.packing else None
     set_seed(training_args.seed)
 
-    model, tokenizer = load_model_and_tokenizer(model_args, args)
+    model, tokenizer = load_model_and_tokenizer(model_args, args, training_args.trust_remote_code)
     train_pairs, eval_pairs = load_data(args, training_args.seed)
     train_rows, counts = tokenize_comparisons(
         order_pairs(train_pairs, training_args.seed, args.both_orders), tokenizer, args.truncation_length
@@ -357,6 +360,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "truncated": counts["truncated"],
         "too_long": counts["too_long"],
         "both_orders": args.both_orders,
+        "num_processes": training_args.world_size,
     }
     eval_rows = None
     if eval_pairs and training_args.do_eval:  # the eval loss during training, in one random order

@@ -50,7 +50,7 @@ def test_train_bt_two_cpu_processes(tmp_path):
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((tmp_path / "bt_summary.json").read_text())
-    assert summary["train_pairs"] == 72
+    assert summary["train_pairs"] == 72 and summary["num_processes"] == 2
     scores = rh_trl.ORM(str(tmp_path), dtype="float32", device="cpu").score(PROMPTS, COMPLETIONS)
     assert scores[0] > scores[1]
 

@@ -226,6 +226,7 @@ def test_train_two_cpu_processes(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((tmp_path / "pairwise_summary.json").read_text())
     assert summary["train_comparisons"] == 144 and summary["answer_a"] == 72  # both orders of 72 pairs
+    assert summary["num_processes"] == 2
     assert result.stdout.count("held-out accuracy on 24 pairs") == 1  # the main process evaluates
     assert "eval_loss" in result.stdout  # eval_strategy: the held-out comparisons as SFT rows
     check_output_against_transformers(tmp_path)
