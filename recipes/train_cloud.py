@@ -1,0 +1,1045 @@
+"""Train a Critique-out-Loud (CLoud) reward model; the result loads into ``rh_trl.CLoud``.
+
+    python recipes/train_cloud.py --config configs/cloud/tiny.yaml
+    accelerate launch --config_file configs/accelerate/zero3.yaml recipes/train_cloud.py --config configs/cloud/llama3_8b.yaml
+
+Stages (``stages: [sft, regenerate, joint]``, run in that order; any subset):
+
+1. ``sft`` — critique SFT: the base causal LM learns to write the dataset's (oracle) critiques. Each side of each
+   pair is one sequence in CLoud's generation layout: ``prompt + response`` rendered with the chat template, a
+   user turn opened with CLoud's preamble (the exact prefix ``rh_trl.CLoud`` generates from), then the critique
+   and the end-of-turn token. The loss is on the critique and end-of-turn tokens only. Saved to
+   ``sft_model_path`` (default ``<output_dir>/critique_sft``).
+2. ``regenerate`` — the SFT model writes its own greedy critique for both sides of every training pair, with the
+   generator ``rh_trl.CLoud`` uses at scoring time (batched, with a progress bar; several processes split the
+   pairs). These replace the oracle critiques in stage 3, as in the CLoud paper, so the reward head is trained
+   on the kind of critique it will read. Written to ``self_critiques_path`` (default
+   ``<output_dir>/self_critiques.jsonl``, the input format below, oracle critiques kept as
+   ``oracle_chosen_critique``/``oracle_rejected_critique``).
+3. ``joint`` — a ``CLoudModel`` (the SFT model plus a new reward head) trained on ``[prompt, response, critique]``
+   in exactly the sequence ``rh_trl.CLoud`` scores (``CLoud.layout`` + ``CLoud.score_ids``), with
+   ``loss = mean(−log σ(r_chosen − r_rejected)) + lm_weight × LM loss``, where the rewards are read at the
+   end-of-turn token closing the critique and the LM loss is the token-mean cross-entropy over the critique and
+   end-of-turn tokens of both sides of the batch's pairs (:func:`cloud_loss`). Saved to ``output_dir`` with its
+   tokenizer, so ``rh_trl.CLoud(output_dir)`` loads it, generates critiques and scores.
+
+``classic: true`` also trains the classic baseline the paper compares with: the base model with a
+sequence-classification head trained by TRL's ``RewardTrainer`` on ``[prompt, response]`` alone (rendered as
+``rh_trl.ORM`` scores, long pairs cut from the left), saved to ``classic_output_dir`` (default
+``<output_dir>/classic``) for ``rh_trl.ORM``. ``stages: []`` with ``classic: true`` trains only the baseline.
+
+Data: JSONL (or JSON / Parquet) rows ::
+
+    {"prompt": ..., "chosen": ..., "rejected": ..., "chosen_critique": "...", "rejected_critique": "..."}
+
+``prompt``/``chosen``/``rejected`` in any format :mod:`rh_trl.preference_data` reads (TRL strings or
+conversational messages, implicit prompt, HH text); the critiques are strings (a list of strings uses its first,
+as the released CLoud datasets store them; other column names via ``chosen_critique_column`` /
+``rejected_critique_column``). Critiques are needed for the stages that train on them (``sft``; ``joint`` on
+dataset critiques); held-out pairs may have them, which adds the accuracy with oracle critiques to the summary.
+``rh_trl:cloud-critiques`` is a small bundled set for CI. Sequences longer than ``truncation_length`` lose tokens
+from the left (a leading BOS is kept); a side whose critique alone does not fit leaves its pair out. Both are
+counted and printed.
+
+Held-out pairwise accuracy (``rh_trl.CLoud`` from the saved directory: its own critiques, then its head; the same
+for the classic baseline through ``rh_trl.ORM``) is printed and written with the run's counts to
+``<output_dir>/cloud_summary.json``.
+
+Stages read their inputs from disk, so they can run in separate launches (``--stages sft``, then
+``--stages regenerate joint``); a large model is best trained that way, one DeepSpeed engine per process.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import os
+from collections import defaultdict
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field, fields
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch
+import torch.nn.functional as F
+from accelerate import PartialState
+from accelerate.utils import gather_object
+from datasets import Dataset
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    Trainer,
+    TrainingArguments,
+    set_seed,
+)
+from transformers.utils import ModelOutput
+from trl import ModelConfig, RewardConfig, RewardTrainer, SFTConfig, SFTTrainer, TrlParser
+
+import rh_trl
+from rh_trl.evaluation import accuracy_report, score_pairs, shorter_reply
+from rh_trl.formatting import ChatFormatter, to_sample
+from rh_trl.loading import padding_id, resolve_dtype
+from rh_trl.preference_data import (
+    FORMATS,
+    PreferenceDataError,
+    detect_format,
+    read_records,
+    split_pairs,
+    to_pair,
+    tokenize_pairs,
+)
+from rh_trl.rewards.cloud import CLOUD_PREAMBLE, CLoud, CLoudModel, CritiqueLayout
+from rh_trl.rewards.factory import TINY_PREFIX
+
+logger = logging.getLogger("rh_trl.train_cloud")
+
+BUILTIN_DATA = "rh_trl:cloud-critiques"
+STAGES = ("sft", "regenerate", "joint")
+JOINT_CRITIQUES = ("auto", "dataset", "regenerated")
+IGNORE = -100
+
+
+@dataclass
+class CLoudArguments:
+    """What to train on, which stages to run, and how critiques are laid out."""
+
+    dataset_path: str = field(
+        default=BUILTIN_DATA,
+        metadata={"help": f"pairs with critiques (JSONL/JSON/Parquet), or '{BUILTIN_DATA}'"},
+    )
+    dataset_format: str = field(default="auto", metadata={"help": f"one of {FORMATS}"})
+    chosen_critique_column: str = "chosen_critique"
+    rejected_critique_column: str = "rejected_critique"
+    eval_path: str | None = field(
+        default=None, metadata={"help": "held-out pairs (default: split from the data)"}
+    )
+    eval_fraction: float = field(
+        default=0.1, metadata={"help": "share of the data held out when no eval_path"}
+    )
+    max_pairs: int | None = field(default=None, metadata={"help": "use at most this many training pairs"})
+    skip_invalid_pairs: bool = field(default=False, metadata={"help": "leave out unreadable rows (counted)"})
+    stages: list[str] = field(
+        default_factory=lambda: list(STAGES), metadata={"help": f"stages to run, a subset of {list(STAGES)}"}
+    )
+    classic: bool = field(default=False, metadata={"help": "also train the classic (no critique) baseline"})
+    lm_weight: float = field(
+        default=1.25, metadata={"help": "weight of the critique LM loss in the joint stage"}
+    )
+    joint_critiques: str = field(
+        default="auto",
+        metadata={"help": "critiques the joint stage trains on: 'dataset', 'regenerated', or 'auto' (regenerated "
+        "when the regenerate stage runs)"},
+    )  # fmt: skip
+    truncation_length: int = field(default=2048, metadata={"help": "longest training sequence, in tokens"})
+    max_critique_tokens: int = field(
+        default=1024, metadata={"help": "longest generated critique (regenerate stage and evaluation)"}
+    )
+    generation_batch_size: int = field(default=8, metadata={"help": "prompts per generate call"})
+    preamble: str = field(default=CLOUD_PREAMBLE, metadata={"help": "the text that opens the critique turn"})
+    chat_template: str | None = field(
+        default=None, metadata={"help": "a Jinja template to train and save with"}
+    )
+    tokenizer_name_or_path: str | None = None
+    sft_model_path: str | None = field(
+        default=None, metadata={"help": "the critique-SFT model (default: <output_dir>/critique_sft)"}
+    )
+    self_critiques_path: str | None = field(
+        default=None, metadata={"help": "regenerated critiques (default: <output_dir>/self_critiques.jsonl)"}
+    )
+    classic_output_dir: str | None = field(default=None, metadata={"help": "default: <output_dir>/classic"})
+    sft_args: dict[str, Any] = field(
+        default_factory=dict, metadata={"help": "training arguments that differ in the sft stage (YAML only)"}
+    )
+    joint_args: dict[str, Any] = field(
+        default_factory=dict,
+        metadata={"help": "training arguments that differ in the joint stage (YAML only)"},
+    )
+    classic_args: dict[str, Any] = field(
+        default_factory=dict, metadata={"help": "training arguments that differ for the classic baseline"}
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data: preference pairs with one critique per side
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _critique_text(value: Any, row: int, column: str) -> str:
+    if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+        value = value[0]
+    if not isinstance(value, str):
+        raise PreferenceDataError(
+            f"row {row}: '{column}' must be a string (or a list of strings), got {type(value).__name__}"
+        )
+    if not value.strip():
+        raise PreferenceDataError(f"row {row}: '{column}' is empty; expected the critique's text")
+    return value.strip()
+
+
+def read_critique_pairs(
+    source: str | Path | Sequence[dict[str, Any]],
+    fmt: str = "auto",
+    critique_columns: tuple[str, str] = ("chosen_critique", "rejected_critique"),
+    require_critiques: bool = True,
+    skip_invalid: bool = False,
+) -> list[dict[str, Any]]:
+    """Pairs ``{"prompt", "chosen", "rejected"}`` (conversations, see :func:`rh_trl.preference_data.to_pair`) with
+    ``chosen_critique``/``rejected_critique`` strings, from a file, ``rh_trl:cloud-critiques`` or rows.
+
+    A row without the critique columns is an error when ``require_critiques``; otherwise its pair has no
+    critiques. With ``skip_invalid`` unreadable rows are left out and counted in a warning.
+    """
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown preference format '{fmt}'; expected one of {FORMATS}")
+    if isinstance(source, str) and source == BUILTIN_DATA:
+        text = resources.files("rh_trl.data").joinpath("cloud_critiques.jsonl").read_text()
+        records = [json.loads(line) for line in text.splitlines() if line.strip()]
+    elif isinstance(source, str | Path):
+        records = read_records(source)
+    else:
+        records = list(source)
+    where = source if isinstance(source, str | Path) else "the given rows"
+    if not records:
+        raise PreferenceDataError(
+            f"no rows in {where}; expected rows {{prompt, chosen, rejected, "
+            f"{critique_columns[0]}, {critique_columns[1]}}}"
+        )
+    pairs: list[dict[str, Any]] = []
+    skipped: list[str] = []
+    for i, record in enumerate(records):
+        try:
+            if not isinstance(record, dict):
+                raise PreferenceDataError(f"row {i}: expected a JSON object, got {type(record).__name__}")
+            pair = to_pair(record, detect_format(record) if fmt in ("auto", "rlhflow") else fmt, i)
+            missing = [c for c in critique_columns if c not in record or record[c] is None]
+            if missing and require_critiques:
+                raise PreferenceDataError(
+                    f"row {i}: missing critique column(s) {missing} (columns: {sorted(record)}); critique SFT and "
+                    f"joint training on dataset critiques need '{critique_columns[0]}' and "
+                    f"'{critique_columns[1]}' (set chosen_critique_column / rejected_critique_column for other names)"
+                )
+            if not missing:
+                for side, column in zip(("chosen", "rejected"), critique_columns, strict=True):
+                    pair[f"{side}_critique"] = _critique_text(record[column], i, column)
+        except PreferenceDataError as err:
+            if not skip_invalid:
+                raise
+            skipped.append(str(err))
+            continue
+        pairs.append(pair)
+    if skipped:
+        logger.warning(
+            "left out %d of %d rows that could not be read (first: %s)",
+            len(skipped),
+            len(records),
+            skipped[0],
+        )
+    if not pairs:
+        raise PreferenceDataError(f"no pairs left in {where}: all {len(records)} rows were invalid")
+    return pairs
+
+
+def has_critiques(pair: dict[str, Any]) -> bool:
+    return "chosen_critique" in pair and "rejected_critique" in pair
+
+
+def jsonl_row(pair: dict[str, Any]) -> dict[str, Any]:
+    """A pair as a row of the input format (the conversations as TRL conversational messages)."""
+    keys = ("prompt", "chosen", "rejected", "chosen_critique", "rejected_critique", "subset", "margin")
+    return {k: pair[k] for k in keys if k in pair} | {
+        k: v for k, v in pair.items() if k.startswith("oracle_")
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sequences, rendered as rh_trl.CLoud renders them
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class CritiqueRenderer:
+    """``rh_trl.CLoud``'s own rendering — its ``conversation``, ``layout`` and ``score_ids`` methods — on a tokenizer
+    alone, so that training sequences are built by the very code that scores them."""
+
+    conversation = CLoud.conversation
+    layout = CLoud.layout
+    score_ids = CLoud.score_ids
+
+    def __init__(
+        self, tokenizer: Any, preamble: str = CLOUD_PREAMBLE, chat_template: str | None = None
+    ) -> None:
+        if not preamble.strip():
+            raise ValueError("preamble must hold some text: the critique turn is found by it")
+        self.tokenizer = tokenizer
+        self.preamble = preamble
+        self.template = chat_template or getattr(tokenizer, "chat_template", None)
+        if not self.template:
+            raise ValueError(
+                "the tokenizer has no chat template; pass chat_template: '…' (CLoud renders with it)"
+            )
+
+    def prefix_ids(self, layout: CritiqueLayout) -> list[int]:
+        """The tokens ``rh_trl.CLoud`` generates a critique from."""
+        return list(self.tokenizer(layout.prefix, add_special_tokens=False)["input_ids"])
+
+    def generation_sequence(self, prompt: Any, response: Any, critique: str) -> tuple[list[int], int]:
+        """The generation prefix, the critique's tokens and the end-of-turn token, with the index of the first
+        critique token: what critique SFT trains on."""
+        layout = self.layout(prompt, response)
+        prefix = self.prefix_ids(layout)
+        critique_ids = list(self.tokenizer(critique, add_special_tokens=False)["input_ids"])
+        return prefix + critique_ids + [layout.end_of_turn_id], len(prefix)
+
+    def scoring_sequence(self, prompt: Any, response: Any, critique: str) -> tuple[list[int], int]:
+        """The sequence ``rh_trl.CLoud`` scores (ending with the end-of-turn token its head reads), with the index
+        of the first token that is not part of the generation prefix (the critique's first token)."""
+        layout = self.layout(prompt, response)
+        ids = self.score_ids(layout, critique)
+        prefix = self.prefix_ids(layout)
+        start = 0
+        while start < min(len(prefix), len(ids) - 1) and prefix[start] == ids[start]:
+            start += 1
+        return ids, start
+
+
+def fit_to_length(
+    ids: list[int], label_start: int, max_length: int | None, bos_id: int | None
+) -> tuple[list[int], int, bool] | None:
+    """Cut tokens from the left (after a leading BOS) until ``ids`` fits ``max_length``. Returns the ids, the new
+    index of the first labelled token and whether anything was cut; ``None`` when the labelled tokens and the one
+    before them do not fit on their own."""
+    if max_length is None or len(ids) <= max_length:
+        return ids, label_start, False
+    keep = 1 if bos_id is not None and ids[0] == bos_id else 0
+    excess = len(ids) - max_length
+    if keep + excess > label_start - 1:
+        return None
+    return ids[:keep] + ids[keep + excess :], label_start - excess, True
+
+
+def labelled(ids: list[int], label_start: int) -> list[int]:
+    return [IGNORE] * label_start + ids[label_start:]
+
+
+def sft_rows(
+    pairs: Sequence[dict[str, Any]], renderer: CritiqueRenderer, max_length: int | None
+) -> tuple[list[dict[str, list[int]]], dict[str, int]]:
+    """Critique-SFT rows ``{"input_ids", "labels"}``, one per pair side, loss on the critique + end-of-turn."""
+    rows: list[dict[str, list[int]]] = []
+    counts = {"sequences": 0, "truncated": 0, "too_long": 0}
+    bos = getattr(renderer.tokenizer, "bos_token_id", None)
+    for i, pair in enumerate(pairs):
+        for side in ("chosen", "rejected"):
+            try:
+                ids, start = renderer.generation_sequence(
+                    pair["prompt"], pair[side], pair[f"{side}_critique"]
+                )
+            except Exception as err:
+                raise PreferenceDataError(f"pair {i}, {side}: could not be rendered: {err}") from err
+            fitted = fit_to_length(ids, start, max_length, bos)
+            if fitted is None:
+                counts["too_long"] += 1
+                continue
+            ids, start, cut = fitted
+            counts["truncated"] += cut
+            rows.append({"input_ids": ids, "labels": labelled(ids, start)})
+    counts["sequences"] = len(rows)
+    _check_rows(rows, counts, max_length, "critique SFT sequences")
+    return rows, counts
+
+
+def joint_rows(
+    pairs: Sequence[dict[str, Any]], renderer: CritiqueRenderer, max_length: int | None
+) -> tuple[list[dict[str, list[int]]], dict[str, int]]:
+    """Joint-stage rows ``{"chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels"}`` in CLoud's
+    scoring layout; labels on the critique + end-of-turn tokens. A pair with a side too long is left out."""
+    rows: list[dict[str, list[int]]] = []
+    counts = {"pairs": 0, "truncated": 0, "too_long": 0}
+    bos = getattr(renderer.tokenizer, "bos_token_id", None)
+    for i, pair in enumerate(pairs):
+        row: dict[str, list[int]] = {}
+        for side in ("chosen", "rejected"):
+            try:
+                ids, start = renderer.scoring_sequence(pair["prompt"], pair[side], pair[f"{side}_critique"])
+            except Exception as err:
+                raise PreferenceDataError(f"pair {i}, {side}: could not be rendered: {err}") from err
+            fitted = fit_to_length(ids, start, max_length, bos)
+            if fitted is None:
+                break
+            ids, start, cut = fitted
+            counts["truncated"] += cut
+            row[f"{side}_input_ids"], row[f"{side}_labels"] = ids, labelled(ids, start)
+        if len(row) < 4:
+            counts["too_long"] += 1
+            continue
+        rows.append(row)
+    counts["pairs"] = len(rows)
+    _check_rows(rows, counts, max_length, "joint-training pairs")
+    return rows, counts
+
+
+def _check_rows(rows: list, counts: dict[str, int], max_length: int | None, what: str) -> None:
+    if counts["too_long"]:
+        logger.warning(
+            "left out %d of the %s: the critique alone is longer than truncation_length=%s tokens",
+            counts["too_long"],
+            what,
+            max_length,
+        )
+    if not rows:
+        raise PreferenceDataError(
+            f"no {what} left to train on ({counts['too_long']} too long for truncation_length={max_length})"
+        )
+
+
+@dataclass
+class PairCollator:
+    """Right-pads a batch of joint rows into one ``[2 × pairs, length]`` batch: the chosen sides, then the rejected."""
+
+    pad_token_id: int
+
+    def __call__(self, rows: Sequence[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
+        seqs = [r["chosen_input_ids"] for r in rows] + [r["rejected_input_ids"] for r in rows]
+        labels = [r["chosen_labels"] for r in rows] + [r["rejected_labels"] for r in rows]
+        longest = max(len(s) for s in seqs)
+        batch = {
+            "input_ids": torch.full((len(seqs), longest), self.pad_token_id, dtype=torch.long),
+            "attention_mask": torch.zeros((len(seqs), longest), dtype=torch.long),
+            "labels": torch.full((len(seqs), longest), IGNORE, dtype=torch.long),
+        }
+        for k, (s, lab) in enumerate(zip(seqs, labels, strict=True)):
+            batch["input_ids"][k, : len(s)] = torch.tensor(s, dtype=torch.long)
+            batch["attention_mask"][k, : len(s)] = 1
+            batch["labels"][k, : len(lab)] = torch.tensor(lab, dtype=torch.long)
+        return batch
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The joint objective
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def cloud_loss(
+    chosen_rewards: torch.Tensor,
+    rejected_rewards: torch.Tensor,
+    lm_loss: torch.Tensor | None,
+    lm_weight: float,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """CLoud's joint loss: ``mean(−log σ(r_chosen − r_rejected)) + lm_weight × lm_loss``.
+
+    Returns the loss and its parts ``{"bt_loss", "lm_loss"}``. ``lm_loss`` may be ``None`` only when ``lm_weight``
+    is 0.
+    """
+    if chosen_rewards.shape != rejected_rewards.shape:
+        raise ValueError(
+            f"chosen and rejected rewards differ in shape ({tuple(chosen_rewards.shape)} vs "
+            f"{tuple(rejected_rewards.shape)}); expected one reward per pair on each side"
+        )
+    bt_loss = -F.logsigmoid(chosen_rewards.float() - rejected_rewards.float()).mean()
+    parts = {"bt_loss": bt_loss}
+    if lm_loss is None:
+        if lm_weight != 0:
+            raise ValueError(f"lm_weight={lm_weight} needs an LM loss; got None (no critique labels?)")
+        return bt_loss, parts
+    parts["lm_loss"] = lm_loss
+    return bt_loss + lm_weight * lm_loss, parts
+
+
+@dataclass
+class JointOutput(ModelOutput):
+    """``rewards``: the head at each sequence's last token, ``[batch]``; ``lm_loss``: mean cross-entropy over the
+    labelled tokens of the whole batch."""
+
+    rewards: torch.Tensor | None = None
+    lm_loss: torch.Tensor | None = None
+
+
+class CLoudJointModel(CLoudModel):
+    """A :class:`~rh_trl.rewards.cloud.CLoudModel` (same weights and config) whose forward returns what the joint
+    stage trains on: the reward at each right-padded sequence's last token and the LM loss on ``labels``.
+
+    The LM loss projects only the hidden states that predict a labelled token (no full-vocabulary logits for the
+    prompt and response).
+    """
+
+    supports_gradient_checkpointing = True
+
+    def forward(  # type: ignore[override]
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> JointOutput:
+        kwargs.setdefault("use_cache", False)
+        hidden = self.lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, **kwargs)[0]
+        last = attention_mask.sum(dim=1) - 1
+        rewards = self.reward_head(hidden[torch.arange(hidden.shape[0], device=hidden.device), last])
+        lm_loss = None
+        if labels is not None:
+            targets = labels[:, 1:]
+            keep = targets != IGNORE
+            logits = self.lm.get_output_embeddings()(hidden[:, :-1][keep]).float()
+            cap = getattr(self.lm.config, "final_logit_softcapping", None)
+            if cap:
+                logits = torch.tanh(logits / cap) * cap
+            lm_loss = F.cross_entropy(logits, targets[keep])
+        return JointOutput(rewards=rewards, lm_loss=lm_loss)
+
+
+class CLoudJointTrainer(Trainer):
+    """A ``Trainer`` for :class:`CLoudJointModel` on :class:`PairCollator` batches with :func:`cloud_loss`; logs
+    ``bt_loss``, ``lm_loss``, ``accuracy`` (chosen reward above rejected) and ``margin``."""
+
+    loss_is_scaled_for_ga = False  # cloud_loss is a per-micro-batch mean
+
+    def __init__(self, *args: Any, lm_weight: float, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.lm_weight = lm_weight
+        self._metrics: dict[str, dict[str, list[float]]] = {
+            "train": defaultdict(list),
+            "eval": defaultdict(list),
+        }
+
+    def compute_loss(
+        self,
+        model: Any,
+        inputs: dict[str, torch.Tensor],
+        return_outputs: bool = False,
+        num_items_in_batch: Any = None,
+    ) -> Any:
+        outputs = model(
+            input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], labels=inputs["labels"]
+        )
+        n = inputs["input_ids"].shape[0] // 2
+        chosen, rejected = outputs.rewards[:n], outputs.rewards[n:]
+        loss, parts = cloud_loss(chosen, rejected, outputs.lm_loss, self.lm_weight)
+        margin = (chosen - rejected).detach().float()
+        values = {
+            **{k: v.detach().float() for k, v in parts.items()},
+            "accuracy": (margin > 0).float().mean(),
+            "margin": margin.mean(),
+        }
+        mode = "train" if model.training else "eval"
+        for key, value in values.items():
+            self._metrics[mode][key].append(self.accelerator.gather(value.reshape(1)).mean().item())
+        return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        mode = "eval" if any(k.startswith("eval_") for k in logs) else "train"
+        prefix = "eval_" if mode == "eval" else ""
+        for key, values in self._metrics[mode].items():
+            if values:
+                logs[prefix + key] = sum(values) / len(values)
+        self._metrics[mode].clear()
+        super().log(logs, start_time)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Models and per-stage training arguments
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def load_causal_lm(
+    name: str, model_args: ModelConfig, args: CLoudArguments, tokenizer_name: str | None = None
+) -> tuple[Any, Any]:
+    """A causal LM and its tokenizer (with a chat template and a pad token) from a path / hub id, or a built-in
+    tiny model such as ``rh_trl:tiny-lm-chatml`` (random, offline, for CI)."""
+    if name.startswith(TINY_PREFIX):
+        from rh_trl.testing import tiny_model
+
+        model, tokenizer = tiny_model(name[len(TINY_PREFIX) :])
+        if not type(model).__name__.endswith("ForCausalLM"):
+            raise ValueError(
+                f"'{name}' is a {type(model).__name__}; CLoud trains a causal LM (e.g. rh_trl:tiny-lm-chatml)"
+            )
+    else:
+        kwargs: dict[str, Any] = {}
+        if model_args.dtype is not None:
+            kwargs["dtype"] = resolve_dtype(model_args.dtype)
+        if model_args.attn_implementation:
+            kwargs["attn_implementation"] = model_args.attn_implementation
+        model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_name or name)
+    if args.chat_template:
+        tokenizer.chat_template = args.chat_template
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(
+            f"the tokenizer of '{tokenizer_name or name}' has no chat template; set chat_template: '…' or "
+            "tokenizer_name_or_path to a tokenizer that has one (CLoud renders critiques with it)"
+        )
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+def classifier_from_causal_lm(lm: Any) -> Any:
+    """A one-output sequence classifier sharing ``lm``'s backbone weights, with a new head."""
+    config = type(lm.config).from_dict(lm.config.to_dict())
+    config.num_labels = 1
+    model = AutoModelForSequenceClassification.from_config(config)
+    getattr(model, model.base_model_prefix).load_state_dict(lm.get_decoder().state_dict())
+    return model.to(lm.dtype)
+
+
+def load_classifier(model_args: ModelConfig, args: CLoudArguments) -> tuple[Any, Any]:
+    """The classic baseline's model: the base LM's backbone with a one-output sequence-classification head."""
+    name = model_args.model_name_or_path
+    if name.startswith(TINY_PREFIX):
+        lm, tokenizer = load_causal_lm(name, model_args, args)
+        return classifier_from_causal_lm(lm), tokenizer
+    kwargs: dict[str, Any] = {"num_labels": 1}
+    if model_args.dtype is not None:
+        kwargs["dtype"] = resolve_dtype(model_args.dtype)
+    if model_args.attn_implementation:
+        kwargs["attn_implementation"] = model_args.attn_implementation
+    model = AutoModelForSequenceClassification.from_pretrained(name, **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_name_or_path or name)
+    if args.chat_template:
+        tokenizer.chat_template = args.chat_template
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+def stage_arguments(
+    base: TrainingArguments, cls: type, output_dir: str, overrides: dict[str, Any], **fixed: Any
+):
+    """``cls`` (a ``TrainingArguments`` class) with ``base``'s values for the fields both have, then the stage's
+    ``overrides`` from the config, then ``fixed``."""
+    names = {f.name for f in fields(cls) if f.init}
+    unknown = sorted(set(overrides) - names)
+    if unknown:
+        raise ValueError(f"unknown training argument(s) {unknown} for {cls.__name__}")
+    shared = names & {f.name for f in fields(type(base)) if f.init}
+    values = {name: getattr(base, name) for name in shared}
+    values.update(overrides)
+    values.update(output_dir=output_dir, **fixed)
+    return cls(**values)
+
+
+@contextmanager
+def whole_model_loading() -> Iterator[None]:
+    """Load models whole on this process even when DeepSpeed ZeRO-3 is configured: a ZeRO-3 partitioned model can
+    only run forward passes in lockstep across processes, and generation or evaluation here runs per process."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    ref = getattr(hf_deepspeed, "_hf_deepspeed_config_weak_ref", None)
+    config = ref() if ref is not None else None
+    if config is None or not hf_deepspeed.is_deepspeed_zero3_enabled():
+        yield
+        return
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_deepspeed.set_hf_deepspeed_config(config)
+
+
+def _free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _loss_trend(log_history: list[dict[str, Any]], key: str = "loss") -> dict[str, float]:
+    values = [h[key] for h in log_history if key in h]
+    return {f"first_{key}": values[0], f"last_{key}": values[-1]} if values else {}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Stages
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def run_sft(
+    args: CLoudArguments, base: RewardConfig, model_args: ModelConfig, pairs: list[dict], sft_path: str
+) -> dict[str, Any]:
+    """Stage 1: critique SFT of the base LM; saves the LM and its tokenizer to ``sft_path``."""
+    training_args = stage_arguments(base, SFTConfig, sft_path, args.sft_args, max_length=None, packing=False)
+    set_seed(training_args.seed)
+    model, tokenizer = load_causal_lm(
+        model_args.model_name_or_path, model_args, args, args.tokenizer_name_or_path
+    )
+    rows, counts = sft_rows(pairs, CritiqueRenderer(tokenizer, args.preamble), args.truncation_length)
+    print(
+        f"critique SFT: {counts['sequences']} sequences from {len(pairs)} pairs; cut from the left to "
+        f"{args.truncation_length} tokens: {counts['truncated']}; left out, critique too long: {counts['too_long']}"
+    )
+    trainer = SFTTrainer(
+        model=model, args=training_args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer
+    )
+    trainer.train()
+    trainer.save_model(sft_path)
+    if trainer.accelerator.is_main_process:
+        tokenizer.save_pretrained(sft_path)
+    trainer.accelerator.wait_for_everyone()
+    result = {**counts, "path": sft_path, **_loss_trend(trainer.state.log_history)}
+    trainer.accelerator.free_memory()
+    del trainer, model
+    _free_memory()
+    return result
+
+
+def run_regenerate(
+    args: CLoudArguments,
+    model_args: ModelConfig,
+    pairs: list[dict],
+    sft_path: str,
+    out_path: str,
+    device: Any,
+) -> tuple[list[dict], dict[str, Any]]:
+    """Stage 2: the SFT model's greedy critique for both sides of every pair, generated by ``rh_trl.CLoud``'s own
+    generator; the processes split the pairs. Returns the pairs with these critiques and the counts."""
+    state = PartialState()
+    with whole_model_loading():
+        lm, tokenizer = load_causal_lm(sft_path, model_args, args)
+    generator = CLoud(
+        CLoudModel.from_causal_lm(lm),
+        tokenizer,
+        name="critique_sft",
+        preamble=args.preamble,
+        max_new_tokens=args.max_critique_tokens,
+        batch_size=args.generation_batch_size,
+        device=device,
+        dtype=None,
+        progress=state.is_local_main_process,
+    )
+    with state.split_between_processes(list(range(len(pairs)))) as mine:
+        samples = [
+            to_sample(pairs[i]["prompt"], pairs[i][side]) for i in mine for side in ("chosen", "rejected")
+        ]
+        layouts = [generator.layout(s.prompt, s.response) for s in samples]
+        texts, counts = generator.critiques(samples, layouts) if samples else ([], {})
+        local = [(i, texts[2 * k], texts[2 * k + 1]) for k, i in enumerate(mine)]
+    results = sorted(gather_object(local))
+    totals: defaultdict[str, int] = defaultdict(int)
+    for c in gather_object([counts]):
+        for key, value in c.items():
+            totals[key] += value
+    regenerated, failed, empty = [], 0, 0
+    for i, chosen, rejected in results:
+        if chosen is None or rejected is None:
+            failed += 1
+            continue
+        pair = {k: v for k, v in pairs[i].items() if not k.endswith("_critique")}
+        for side, text in (("chosen", chosen), ("rejected", rejected)):
+            empty += not text
+            pair[f"{side}_critique"] = text
+            if f"{side}_critique" in pairs[i]:
+                pair[f"oracle_{side}_critique"] = pairs[i][f"{side}_critique"]
+        regenerated.append(pair)
+    result = {
+        "pairs": len(regenerated),
+        "failed": failed,
+        "empty_critiques": empty,
+        "truncated_critiques": totals["critique_truncated"],
+        "path": out_path,
+    }
+    if failed:
+        logger.error("regenerate: %d pair(s) without a critique were left out", failed)
+    if state.is_main_process:
+        print(
+            f"regenerated critiques for {len(regenerated)} pairs with {sft_path}: cut at {args.max_critique_tokens} "
+            f"tokens: {result['truncated_critiques']}, empty: {empty}, failed: {failed}"
+        )
+        Path(out_path).parent.mkdir(parents=True, exist_ok=True)
+        with open(out_path, "w", encoding="utf-8") as f:
+            for pair in regenerated:
+                f.write(json.dumps(jsonl_row(pair)) + "\n")
+    state.wait_for_everyone()
+    del generator, lm
+    _free_memory()
+    if not regenerated:
+        raise PreferenceDataError("the regenerate stage produced no critiques; see the errors above")
+    return regenerated, result
+
+
+def run_joint(
+    args: CLoudArguments, base: RewardConfig, model_args: ModelConfig, pairs: list[dict], init_path: str
+) -> dict[str, Any]:
+    """Stage 3: BT + LM training of a CLoudModel built on the SFT model; saves it and its tokenizer."""
+    output_dir = base.output_dir
+    training_args = stage_arguments(
+        base, TrainingArguments, output_dir, args.joint_args, remove_unused_columns=False
+    )
+    set_seed(training_args.seed)  # the new reward head's initialization is part of the run
+    lm, tokenizer = load_causal_lm(init_path, model_args, args)
+    rows, counts = joint_rows(pairs, CritiqueRenderer(tokenizer, args.preamble), args.truncation_length)
+    print(
+        f"joint training: {counts['pairs']} pairs; sides cut from the left to {args.truncation_length} tokens: "
+        f"{counts['truncated']}; pairs left out, critique too long: {counts['too_long']}; lm_weight {args.lm_weight}"
+    )
+    model = CLoudJointModel.from_causal_lm(lm)
+    trainer = CLoudJointTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=Dataset.from_list(rows),
+        data_collator=PairCollator(padding_id(tokenizer)),
+        processing_class=tokenizer,
+        lm_weight=args.lm_weight,
+    )
+    trainer.train()
+    trainer.save_model(output_dir)
+    if trainer.accelerator.is_main_process:
+        tokenizer.save_pretrained(output_dir)
+        config_path = Path(output_dir, "config.json")  # saved as the class rh_trl.CLoud loads
+        config = json.loads(config_path.read_text())
+        config["architectures"] = [CLoudModel.__name__]
+        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    trainer.accelerator.wait_for_everyone()
+    history = trainer.state.log_history
+    result = {
+        **counts,
+        **_loss_trend(history),
+        **_loss_trend(history, "bt_loss"),
+        **_loss_trend(history, "lm_loss"),
+    }
+    trainer.accelerator.free_memory()
+    del trainer, model, lm
+    _free_memory()
+    return result
+
+
+def run_classic(
+    args: CLoudArguments, base: RewardConfig, model_args: ModelConfig, pairs: list[dict], output_dir: str
+) -> dict[str, Any]:
+    """The classic baseline: BT on ``[prompt, response]`` with TRL's RewardTrainer; saved for ``rh_trl.ORM``."""
+    training_args = stage_arguments(base, RewardConfig, output_dir, args.classic_args, max_length=None)
+    set_seed(training_args.seed)
+    model, tokenizer = load_classifier(model_args, args)
+    formatter = ChatFormatter(tokenizer, max_length=args.truncation_length)
+    rows, counts = tokenize_pairs(pairs, formatter)
+    print(
+        f"classic baseline: {counts['pairs']} pairs; sides cut from the left to {args.truncation_length} tokens: "
+        f"{counts['truncated']}"
+    )
+    trainer = RewardTrainer(
+        model=model, args=training_args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer
+    )
+    trainer.train()
+    trainer.save_model(output_dir)
+    if trainer.accelerator.is_main_process:
+        tokenizer.save_pretrained(output_dir)
+    trainer.accelerator.wait_for_everyone()
+    result = {**counts, "path": output_dir, **_loss_trend(trainer.state.log_history)}
+    trainer.accelerator.free_memory()
+    del trainer, model
+    _free_memory()
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Held-out accuracy
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _last_token_reward(outputs: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    last = attention_mask.sum(dim=1) - 1
+    return outputs.rewards[torch.arange(input_ids.shape[0], device=input_ids.device), last].unsqueeze(-1)
+
+
+def oracle_critique_rewards(
+    reward: CLoud, pairs: Sequence[dict[str, Any]]
+) -> tuple[list[float], list[float]]:
+    """The head's rewards for both sides of each pair with the dataset's critiques in place of generated ones."""
+    sequences = [
+        reward.score_ids(reward.layout(p["prompt"], p[side]), p[f"{side}_critique"])
+        for side in ("chosen", "rejected")
+        for p in pairs
+    ]
+    values = [float(row[0]) for row in reward.engine.run(sequences, _last_token_reward)]
+    return values[: len(pairs)], values[len(pairs) :]
+
+
+def evaluate_cloud(
+    path: str, pairs: list[dict], args: CLoudArguments, model_args: ModelConfig, device: Any
+) -> dict[str, Any]:
+    """Held-out accuracy of the saved CLoud model (its own critiques, then its head), and with oracle critiques
+    where every held-out pair has them."""
+    with whole_model_loading():
+        reward = rh_trl.CLoud(
+            path,
+            name="cloud_eval",
+            preamble=args.preamble,
+            max_new_tokens=args.max_critique_tokens,
+            batch_size=args.generation_batch_size,
+            device=device,
+            dtype=model_args.dtype or "auto",
+            progress=True,
+        )
+    chosen, rejected = score_pairs(reward, pairs, batch_size=256, progress=False)
+    report = accuracy_report(pairs, chosen, rejected)
+    result: dict[str, Any] = {
+        "accuracy": report["accuracy"],
+        "skipped": report["skipped"],
+        "subsets": report["subsets"],
+    }
+    if all(has_critiques(p) for p in pairs):
+        oracle = accuracy_report(pairs, *oracle_critique_rewards(reward, pairs))
+        result["accuracy_oracle_critiques"] = oracle["accuracy"]
+    del reward
+    _free_memory()
+    return result
+
+
+def evaluate_classic(
+    path: str, pairs: list[dict], args: CLoudArguments, model_args: ModelConfig, device: Any
+) -> float:
+    with whole_model_loading():
+        reward = rh_trl.ORM(
+            path,
+            max_length=args.truncation_length,
+            device=device,
+            dtype=model_args.dtype or "auto",
+            normalize=False,
+        )
+    chosen, rejected = score_pairs(reward, pairs, progress=False)
+    del reward
+    _free_memory()
+    return accuracy_report(pairs, chosen, rejected)["accuracy"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The run
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def check_stages(stages: Sequence[str], classic: bool) -> list[str]:
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown:
+        raise ValueError(f"unknown stage(s) {unknown}; expected a subset of {list(STAGES)}")
+    if len(set(stages)) != len(stages) or list(stages) != [s for s in STAGES if s in stages]:
+        raise ValueError(f"stages must be listed once each, in the order {list(STAGES)}; got {list(stages)}")
+    if not stages and not classic:
+        raise ValueError("nothing to train: stages is empty and classic is false")
+    return list(stages)
+
+
+def joint_source(args: CLoudArguments, stages: Sequence[str]) -> str | None:
+    """Where the joint stage's critiques come from: 'dataset', 'regenerated', or None (no joint stage)."""
+    if args.joint_critiques not in JOINT_CRITIQUES:
+        raise ValueError(f"joint_critiques must be one of {JOINT_CRITIQUES}, got '{args.joint_critiques}'")
+    if "joint" not in stages:
+        return None
+    if args.joint_critiques == "auto":
+        return "regenerated" if "regenerate" in stages else "dataset"
+    return args.joint_critiques
+
+
+def load_data(args: CLoudArguments, require_critiques: bool, seed: int) -> tuple[list[dict], list[dict]]:
+    """Training and held-out pairs (held-out critiques are optional)."""
+    columns = (args.chosen_critique_column, args.rejected_critique_column)
+    pairs = read_critique_pairs(
+        args.dataset_path, args.dataset_format, columns, require_critiques, args.skip_invalid_pairs
+    )
+    if args.eval_path:
+        train = pairs
+        held_out = read_critique_pairs(
+            args.eval_path, args.dataset_format, columns, False, args.skip_invalid_pairs
+        )
+    else:
+        train, held_out = split_pairs(pairs, args.eval_fraction, seed)
+    if args.max_pairs is not None:
+        train = train[: args.max_pairs]
+    if not train:
+        raise PreferenceDataError(
+            f"no training pairs: {len(pairs)} pairs read, eval_fraction={args.eval_fraction}, "
+            f"max_pairs={args.max_pairs}"
+        )
+    return train, held_out
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    parser = TrlParser((CLoudArguments, RewardConfig, ModelConfig))
+    args, training_args, model_args = parser.parse_args_and_config(argv)
+    stages = check_stages(args.stages, args.classic)
+    source = joint_source(args, stages)
+    if model_args.use_peft:
+        raise ValueError("this recipe trains full models; LoRA (use_peft) is not supported")
+    if args.lm_weight < 0:
+        raise ValueError(f"lm_weight must be at least 0, got {args.lm_weight}")
+    if model_args.model_name_or_path is None and ("sft" in stages or args.classic):
+        raise ValueError("model_name_or_path is required (the base causal LM, or rh_trl:tiny-lm-chatml)")
+    output_dir = training_args.output_dir
+    sft_path = args.sft_model_path or str(Path(output_dir) / "critique_sft")
+    self_path = args.self_critiques_path or str(Path(output_dir) / "self_critiques.jsonl")
+    classic_dir = args.classic_output_dir or str(Path(output_dir) / "classic")
+    needs_sft_model = "regenerate" in stages or "joint" in stages
+    if (
+        needs_sft_model
+        and "sft" not in stages
+        and args.sft_model_path is None
+        and not Path(sft_path).exists()
+    ):
+        raise FileNotFoundError(
+            f"the regenerate and joint stages start from the critique-SFT model, and {sft_path} does not exist: "
+            "run stage 'sft' first or set sft_model_path"
+        )
+    if source == "regenerated" and "regenerate" not in stages and not Path(self_path).exists():
+        raise FileNotFoundError(
+            f"joint_critiques is 'regenerated' but {self_path} does not exist: run stage 'regenerate' first or set "
+            "self_critiques_path"
+        )
+
+    train_pairs, eval_pairs = load_data(args, "sft" in stages or source == "dataset", training_args.seed)
+    summary: dict[str, Any] = {
+        "stages": stages,
+        "train_pairs": len(train_pairs),
+        "eval_pairs": len(eval_pairs),
+    }
+    if eval_pairs:
+        chosen, rejected = score_pairs(shorter_reply, eval_pairs, progress=False)
+        summary["eval_accuracy_shorter_reply"] = accuracy_report(eval_pairs, chosen, rejected)["accuracy"]
+    device = training_args.device
+    state = PartialState()
+
+    if "sft" in stages:
+        summary["sft"] = run_sft(args, training_args, model_args, train_pairs, sft_path)
+    joint_pairs = train_pairs
+    if "regenerate" in stages:
+        joint_pairs, summary["regenerate"] = run_regenerate(
+            args, model_args, train_pairs, sft_path, self_path, device
+        )
+    elif source == "regenerated":
+        joint_pairs = read_critique_pairs(self_path)
+    if "joint" in stages:
+        summary["joint"] = run_joint(args, training_args, model_args, joint_pairs, sft_path)
+        summary["joint"]["critiques"] = source
+    if args.classic:
+        summary["classic"] = run_classic(args, training_args, model_args, train_pairs, classic_dir)
+    if not state.is_main_process:  # held-out evaluation runs in the main process, after all training
+        return summary
+
+    if eval_pairs and "joint" in stages:
+        held_out = evaluate_cloud(output_dir, eval_pairs, args, model_args, device)
+        summary["eval_accuracy"] = held_out.pop("accuracy")
+        summary["eval"] = held_out
+    if eval_pairs and args.classic:
+        summary["classic_eval_accuracy"] = evaluate_classic(classic_dir, eval_pairs, args, model_args, device)
+    if eval_pairs:
+        parts = [f"shorter reply {summary['eval_accuracy_shorter_reply']:.4f}"]
+        if "classic_eval_accuracy" in summary:
+            parts.insert(0, f"classic {summary['classic_eval_accuracy']:.4f}")
+        if "eval" in summary and "accuracy_oracle_critiques" in summary["eval"]:
+            parts.insert(0, f"CLoud with oracle critiques {summary['eval']['accuracy_oracle_critiques']:.4f}")
+        if "eval_accuracy" in summary:
+            parts.insert(0, f"CLoud {summary['eval_accuracy']:.4f}")
+        print(f"held-out accuracy on {len(eval_pairs)} pairs: " + ", ".join(parts))
+    Path(output_dir).mkdir(parents=True, exist_ok=True)
+    Path(output_dir, "cloud_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+if __name__ == "__main__":
+    main()
