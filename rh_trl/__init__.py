@@ -1,5 +1,7 @@
 """rh_trl: reward models of every family as TRL reward functions."""
 
+from rh_trl.embedding_heads import EmbeddingHead, HeadTraining, train_heads
+from rh_trl.embeddings import EmbeddingCache, TextEncoder
 from rh_trl.engines import HFEngine
 from rh_trl.engines.http import RetryPolicy
 from rh_trl.formatting import ChatFormatter, RewardInputError, Sample
@@ -21,11 +23,18 @@ from rh_trl.rewards import (
     RewardOutput,
     register_orm_adapter,
 )
+from rh_trl.rewards.embedding import EmbeddingRM
 
 __version__ = "0.1.0"
 
 __all__ = [
     "DrSow",
+    "EmbeddingRM",
+    "EmbeddingHead",
+    "EmbeddingCache",
+    "HeadTraining",
+    "TextEncoder",
+    "train_heads",
     "CLoud",
     "CLoudConfig",
     "CLoudModel",

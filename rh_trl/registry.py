@@ -47,6 +47,8 @@ from rh_trl.rewards.adapters import ORM_ADAPTERS
 from rh_trl.rewards.base import Reward
 from rh_trl.rewards.cloud import CLoud, CLoudConfig
 from rh_trl.rewards.drsow import DrSow
+from rh_trl.rewards.embedding import CONFIG_NAME as EMBEDDING_CONFIG
+from rh_trl.rewards.embedding import load_embedding_rm
 from rh_trl.rewards.factory import TINY_PREFIX, import_target
 from rh_trl.rewards.orm import ORM
 from rh_trl.rewards.pairwise import PairwisePM
@@ -64,6 +66,7 @@ FAMILIES: dict[str, Callable[..., Reward]] = {
     "pairwise": PairwisePM,
     "cloud": CLoud,
     "drsow": DrSow,
+    "embedding": load_embedding_rm,
 }
 
 #: files read to decide a model's class (small; never any code)
@@ -501,6 +504,14 @@ def resolve(model: Any, *, family: str | None = None, **options: Any) -> Resolut
                 f"engine='openai'); missing: {missing}"
             )
         return Resolution(DrSow, _resolve_tiny_options(options), "drsow", "the name 'drsow'")
+
+    saved_embedding_rm = isinstance(model, str | os.PathLike) and os.path.isfile(
+        os.path.join(model, EMBEDDING_CONFIG)
+    )
+    if family in (None, "embedding") and saved_embedding_rm:
+        return Resolution(
+            load_embedding_rm, options, "embedding", f"{EMBEDDING_CONFIG} in the directory", model
+        )
 
     if isinstance(model, str) and model.startswith(TINY_PREFIX):
         model, tokenizer = _tiny(model)

@@ -28,6 +28,7 @@ REWARD_TYPES: dict[str, str] = {
     "prm": "rh_trl.rewards.prm:PRM",
     "drsow": "rh_trl.rewards.drsow:DrSow",
     "remote": "rh_trl.rewards.remote:RemoteRM",
+    "embedding": "rh_trl.rewards.embedding:load_embedding_rm",
     "auto": "rh_trl.registry:load",  # the class is chosen from the model (rh_trl.load)
 }
 
