@@ -84,7 +84,7 @@ from trl import ModelConfig, RewardConfig, RewardTrainer, SFTConfig, SFTTrainer,
 import rh_trl
 from rh_trl.evaluation import accuracy_report, score_pairs, shorter_reply
 from rh_trl.formatting import ChatFormatter, to_sample
-from rh_trl.loading import padding_id, resolve_dtype
+from rh_trl.loading import padding_id, prepare_chat_training, resolve_dtype
 from rh_trl.preference_data import (
     FORMATS,
     PreferenceDataError,
@@ -566,17 +566,7 @@ def load_causal_lm(
             kwargs["attn_implementation"] = model_args.attn_implementation
         model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_name or name)
-    if args.chat_template:
-        tokenizer.chat_template = args.chat_template
-    if not getattr(tokenizer, "chat_template", None):
-        raise ValueError(
-            f"the tokenizer of '{tokenizer_name or name}' has no chat template; set chat_template: '…' or "
-            "tokenizer_name_or_path to a tokenizer that has one (CLoud renders critiques with it)"
-        )
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    if model.config.pad_token_id is None:
-        model.config.pad_token_id = tokenizer.pad_token_id
+    prepare_chat_training(model, tokenizer, args.chat_template, "CLoud renders critiques with it")
     return model, tokenizer
 
 
@@ -656,6 +646,24 @@ def _loss_trend(log_history: list[dict[str, Any]], key: str = "loss") -> dict[st
     return {f"first_{key}": values[0], f"last_{key}": values[-1]} if values else {}
 
 
+def _train_and_save(
+    trainer: Any, tokenizer: Any, output_dir: str, loss_keys: Sequence[str] = ("loss",), on_main: Any = None
+) -> dict[str, float]:
+    """Train, save the model and its tokenizer to ``output_dir`` (``on_main()`` then runs on the main process
+    only); returns the first and last logged value of each of ``loss_keys``. The caller frees the memory once
+    the trainer is out of scope (:func:`_free_memory`)."""
+    trainer.train()
+    trainer.save_model(output_dir)
+    if trainer.accelerator.is_main_process:
+        tokenizer.save_pretrained(output_dir)
+        if on_main is not None:
+            on_main()
+    trainer.accelerator.wait_for_everyone()
+    trend = {k: v for key in loss_keys for k, v in _loss_trend(trainer.state.log_history, key).items()}
+    trainer.accelerator.free_memory()
+    return trend
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Stages
 # ----------------------------------------------------------------------------------------------------------------
@@ -678,16 +686,8 @@ def run_sft(
     trainer = SFTTrainer(
         model=model, args=training_args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer
     )
-    trainer.train()
-    trainer.save_model(sft_path)
-    if trainer.accelerator.is_main_process:
-        tokenizer.save_pretrained(sft_path)
-    trainer.accelerator.wait_for_everyone()
-    result = {**counts, "path": sft_path, **_loss_trend(trainer.state.log_history)}
-    trainer.accelerator.free_memory()
-    del trainer, model
-    _free_memory()
-    return result
+    del model
+    return {**counts, "path": sft_path, **_train_and_save(trainer, tokenizer, sft_path)}
 
 
 def run_regenerate(
@@ -788,26 +788,16 @@ def run_joint(
         processing_class=tokenizer,
         lm_weight=args.lm_weight,
     )
-    trainer.train()
-    trainer.save_model(output_dir)
-    if trainer.accelerator.is_main_process:
-        tokenizer.save_pretrained(output_dir)
-        config_path = Path(output_dir, "config.json")  # saved as the class rh_trl.CLoud loads
+    del model, lm
+
+    def save_as_cloud_model() -> None:  # the config names the class rh_trl.CLoud loads
+        config_path = Path(output_dir, "config.json")
         config = json.loads(config_path.read_text())
         config["architectures"] = [CLoudModel.__name__]
         config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    trainer.accelerator.wait_for_everyone()
-    history = trainer.state.log_history
-    result = {
-        **counts,
-        **_loss_trend(history),
-        **_loss_trend(history, "bt_loss"),
-        **_loss_trend(history, "lm_loss"),
-    }
-    trainer.accelerator.free_memory()
-    del trainer, model, lm
-    _free_memory()
-    return result
+
+    losses = ("loss", "bt_loss", "lm_loss")
+    return {**counts, **_train_and_save(trainer, tokenizer, output_dir, losses, save_as_cloud_model)}
 
 
 def run_classic(
@@ -826,16 +816,8 @@ def run_classic(
     trainer = RewardTrainer(
         model=model, args=training_args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer
     )
-    trainer.train()
-    trainer.save_model(output_dir)
-    if trainer.accelerator.is_main_process:
-        tokenizer.save_pretrained(output_dir)
-    trainer.accelerator.wait_for_everyone()
-    result = {**counts, "path": output_dir, **_loss_trend(trainer.state.log_history)}
-    trainer.accelerator.free_memory()
-    del trainer, model
-    _free_memory()
-    return result
+    del model
+    return {**counts, "path": output_dir, **_train_and_save(trainer, tokenizer, output_dir)}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1006,6 +988,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     if "sft" in stages:
         summary["sft"] = run_sft(args, training_args, model_args, train_pairs, sft_path)
+        _free_memory()
     joint_pairs = train_pairs
     if "regenerate" in stages:
         joint_pairs, summary["regenerate"] = run_regenerate(
@@ -1016,8 +999,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if "joint" in stages:
         summary["joint"] = run_joint(args, training_args, model_args, joint_pairs, sft_path)
         summary["joint"]["critiques"] = source
+        _free_memory()
     if args.classic:
         summary["classic"] = run_classic(args, training_args, model_args, train_pairs, classic_dir)
+        _free_memory()
     if not state.is_main_process:  # held-out evaluation runs in the main process, after all training
         return summary
 

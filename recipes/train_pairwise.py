@@ -40,6 +40,7 @@ from trl import ModelConfig, SFTConfig, SFTTrainer, TrlParser, get_peft_config
 
 import rh_trl
 from rh_trl.evaluation import accuracy_report, score_pairs, shorter_reply
+from rh_trl.loading import prepare_chat_training
 from rh_trl.preference_data import FORMATS, PreferenceDataError, load_pairs, split_pairs
 from rh_trl.rewards.factory import TINY_PREFIX
 from rh_trl.rewards.pairwise import (
@@ -242,17 +243,9 @@ def load_model_and_tokenizer(
         tokenizer = AutoTokenizer.from_pretrained(
             args.tokenizer_name_or_path or name, trust_remote_code=trust_remote_code
         )
-    if args.chat_template:
-        tokenizer.chat_template = args.chat_template
-    if not getattr(tokenizer, "chat_template", None):
-        raise ValueError(
-            f"the tokenizer of '{name}' has no chat template; pass chat_template: '…' (PairwisePM renders each "
-            "comparison with the template saved alongside the model)"
-        )
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    if model.config.pad_token_id is None:
-        model.config.pad_token_id = tokenizer.pad_token_id
+    prepare_chat_training(
+        model, tokenizer, args.chat_template, "PairwisePM renders each comparison with the saved template"
+    )
     return model, tokenizer
 
 

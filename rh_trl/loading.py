@@ -138,6 +138,23 @@ def padding_id(tokenizer: Any) -> int:
     )
 
 
+def prepare_chat_training(model: Any, tokenizer: Any, chat_template: str | None, why: str) -> None:
+    """Get a causal LM and its tokenizer ready for training on chat-rendered text: ``chat_template`` (if
+    given) replaces the tokenizer's; a tokenizer without one is refused, ``why`` saying what needs it; the pad
+    token falls back to EOS and the model's config learns its id."""
+    if chat_template:
+        tokenizer.chat_template = chat_template
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(
+            f"the tokenizer of '{tokenizer.name_or_path}' has no chat template; set chat_template: '…' or "
+            f"tokenizer_name_or_path to a tokenizer that has one ({why})"
+        )
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+
+
 def config_dict(model: Any) -> dict[str, Any]:
     """The model's config as a plain dict, read without running any remote code."""
     if isinstance(model, str | os.PathLike):

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import json
 import logging
+import math
 import socket
+import threading
+import time
 
 import httpx
 import pytest
@@ -12,6 +17,7 @@ import torch
 
 from rh_trl.engines.http import MalformedResponse, RetryPolicy
 from rh_trl.engines.logprobs import TokenMismatchError
+from rh_trl.engines.openai_logprobs import OpenAILogprobClient
 from rh_trl.openai_compat_server import start_server
 from rh_trl.rewards.drsow import DrSow
 from rh_trl.testing import tiny_causal_lm
@@ -178,3 +184,170 @@ def test_rejected_sequence_gets_none_and_others_are_scored(servers, models, llam
     expected = local(models, llama_tok, chatml_tok)(CONV_PROMPTS, CONV_COMPLETIONS)
     assert max_diff(scores[:3], expected) <= TOL and scores[3] is None
     assert drsow.last_stats["num_server_rejected"] == 1 and "refused" in caplog.text
+
+
+# -- the server's batching of concurrent requests ----------------------------------------------------------------
+
+
+class GatedForward:
+    """Wraps a backend's forward: records each pass's prompt lengths, holds the first pass until released, and
+    fails any pass that holds a prompt starting with ``poison``."""
+
+    def __init__(self, forward, poison: int | None = None) -> None:
+        self.forward = forward
+        self.poison = poison
+        self.passes: list[list[int]] = []
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def __call__(self, prompts):
+        self.passes.append([len(p) for p in prompts])
+        self.entered.set()
+        assert self.release.wait(30), "the test never released the first forward pass"
+        if self.poison is not None and any(p[0] == self.poison for p in prompts):
+            raise RuntimeError("poisoned prompt")
+        return self.forward(prompts)
+
+
+@contextlib.contextmanager
+def gated_server(model, tok, poison=None, **options):
+    with start_server(model, tok, **options) as running:
+        backend = running.app.state.backend
+        gate = GatedForward(backend.forward, poison)
+        backend.forward = gate
+        yield running, gate
+
+
+@torch.no_grad()
+def reference_logprobs(model, ids: list[int]) -> list[float]:
+    """log p(ids[t] | ids[:t]) for t >= 1, from one unpadded forward pass of this sequence alone."""
+    logp = torch.log_softmax(model(torch.tensor([ids])).logits[0].double(), -1)
+    return [logp[t - 1, ids[t]].item() for t in range(1, len(ids))]
+
+
+def read_choice(choice) -> list[float]:
+    ids = choice["prompt_token_ids"]
+    return [choice["prompt_logprobs"][t][str(ids[t])]["logprob"] for t in range(1, len(ids))]
+
+
+def post(url: str, prompts, **extra) -> httpx.Response:
+    body = {"prompt": prompts, "max_tokens": 1, "prompt_logprobs": 0, "return_token_ids": True, **extra}
+    return httpx.post(url + "/v1/completions", json=body, timeout=60)
+
+
+def fire_while_held(running, gate, first, others, queued: int):
+    """Send ``first``; while its forward pass is held, send every request of ``others`` at once, wait until
+    ``queued`` prompts wait in the queue (refused requests never join it), then release. Returns the responses
+    in order (``first`` first)."""
+    scheduler = running.app.state.scheduler
+    with concurrent.futures.ThreadPoolExecutor(len(others) + 1) as pool:
+        head = pool.submit(post, running.url, first)
+        assert gate.entered.wait(30)
+        rest = [pool.submit(post, running.url, prompts) for prompts in others]
+        deadline = time.monotonic() + 30
+        while scheduler.waiting < queued and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.05)  # the refused requests are answered meanwhile
+        assert scheduler.waiting == queued
+        gate.release.set()
+        return [head.result(), *(f.result() for f in rest)]
+
+
+def test_concurrent_requests_share_forward_passes_with_the_same_numbers(models, llama_tok):
+    model = models[0]
+    words = [
+        "The moon is bright.",
+        "Trains are fast and loud.",
+        "Coffee",
+        "A river ran to the sea and met a map.",
+    ]
+    sequences = [llama_tok(w)["input_ids"] for w in words]
+    requests = [[sequences[i % 4], sequences[(i + 1) % 4][: 3 + i]] for i in range(6)]  # different lengths
+    expected = {tuple(s): reference_logprobs(model, s) for r in requests for s in r}
+    with start_server(model, llama_tok) as plain:  # one request at a time
+        alone = [[read_choice(c) for c in post(plain.url, r).json()["choices"]] for r in requests]
+    with gated_server(model, llama_tok) as (running, gate):
+        answers = fire_while_held(running, gate, requests[0], requests[1:], queued=10)
+        stats = httpx.get(running.url + "/stats").json()
+    assert [len(p) for p in gate.passes] == [2, 10]  # request 0 alone, then the five others in one pass
+    assert stats["max_step_requests"] == 5 and stats["forwards"] == 2 and stats["requests"] == 6
+    worst = 0.0
+    for request, answer, single in zip(requests, answers, alone, strict=True):
+        assert answer.status_code == 200
+        choices = answer.json()["choices"]
+        assert [c["index"] for c in choices] == list(range(len(request)))
+        assert [
+            c["prompt_token_ids"] for c in choices
+        ] == request  # each request gets its own prompts, in order
+        for prompt, choice, one in zip(request, choices, single, strict=True):
+            got = read_choice(choice)
+            worst = max(worst, max_diff(got, expected[tuple(prompt)]), max_diff(got, one))
+    assert worst <= 1e-5
+
+
+def test_refused_and_failing_requests_fail_alone(models, llama_tok, caplog):
+    model = models[0]
+    poison = llama_tok.convert_tokens_to_ids("<|system|>")
+    good = [llama_tok("The moon is bright.")["input_ids"], llama_tok("Trains")["input_ids"]]
+    others = [
+        good,
+        [[5, 10**6]],  # out of vocabulary: refused before it is queued
+        [good[0] * 40],  # longer than the server's context: refused before it is queued
+        [[poison, *good[1]], good[0]],  # its forward pass fails: retried one prompt at a time
+        list(reversed(good)),
+    ]
+    with (
+        caplog.at_level(logging.WARNING, logger="rh_trl"),
+        gated_server(model, llama_tok, poison=poison, max_model_len=64) as (running, gate),
+    ):
+        answers = fire_while_held(running, gate, [good[1]], others, queued=6)
+        stats = httpx.get(running.url + "/stats").json()
+    assert [a.status_code for a in answers] == [200, 200, 400, 400, 500, 200]
+    assert "out of vocabulary" in answers[2].json()["message"]
+    assert "maximum context length" in answers[3].json()["message"]
+    assert "poisoned prompt" in answers[4].json()["message"] and "one by one" in caplog.text
+    assert (
+        len(gate.passes[1]) == 6 and stats["failed_forwards"] >= 2
+    )  # the gathered pass, then the poisoned one
+    for answer, prompts in ((answers[1], good), (answers[5], list(reversed(good)))):
+        for prompt, choice in zip(prompts, answer.json()["choices"], strict=True):
+            assert choice["prompt_token_ids"] == prompt
+            assert max_diff(read_choice(choice), reference_logprobs(model, prompt)) <= 1e-5
+
+
+def test_batch_token_budget_and_one_request_per_pass(models, llama_tok):
+    model = models[0]
+    prompts = [llama_tok(" moon" * n)["input_ids"] for n in (3, 5, 9, 17, 30)]
+    others = [[p] for p in prompts]
+    with gated_server(model, llama_tok, max_batch_tokens=40) as (running, gate):
+        answers = fire_while_held(running, gate, prompts[:1], others, queued=5)
+    assert all(a.status_code == 200 for a in answers)
+    gathered = gate.passes[1:]
+    assert sorted(n for p in gathered for n in p) == sorted(len(p) for p in prompts)
+    assert all(len(p) * max(p) <= 40 or len(p) == 1 for p in gathered) and len(gathered) < len(prompts)
+    for prompt, answer in zip(prompts, answers[1:], strict=True):
+        got = read_choice(answer.json()["choices"][0])
+        assert max_diff(got, reference_logprobs(model, prompt)) <= 1e-5
+    with gated_server(model, llama_tok, batch_requests=False) as (running, gate):
+        fire_while_held(running, gate, prompts[:1], others, queued=5)
+        assert running.app.state.scheduler.stats.max_step_requests == 1
+    assert [len(p) for p in gate.passes] == [1] * 6
+
+
+def test_json_reader_fast_path_and_its_fallbacks():
+    """Well-formed JSON answers are read directly; anything else goes through the reader that names the fault."""
+    client = OpenAILogprobClient("http://server.test", label="strong")
+    ids = [1, 5, 9]
+
+    def entry(token: int, logprob) -> dict:
+        return {str(token): {"logprob": logprob, "rank": 2, "decoded_token": "x"}}
+
+    good = [None, entry(5, -1.5), {**entry(9, -0.25), **entry(3, -0.1)}]  # a top-k extra is ignored
+    out = client._parse_choice({"prompt_logprobs": good}, ids, "here")
+    assert math.isnan(out[0]) and out[1:] == [-1.5, -0.25]
+    with pytest.raises(MalformedResponse, match=r"prompt_logprobs\[2\]\[9\] has no numeric 'logprob'"):
+        client._parse_choice({"prompt_logprobs": [None, entry(5, -1.5), entry(9, "low")]}, ids, "here")
+    with pytest.raises(TokenMismatchError, match="the token sent there is 9"):
+        client._parse_choice({"prompt_logprobs": [None, entry(5, -1.5), entry(7, -2.0)]}, ids, "here")
+    with pytest.raises(TokenMismatchError, match="for 2 tokens but 3 were sent"):
+        client._parse_choice({"prompt_logprobs": [None, entry(5, -1.5)]}, ids, "here")

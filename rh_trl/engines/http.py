@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import itertools
+import json
 import logging
 import weakref
 from collections.abc import Coroutine, Sequence
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import httpx
+import orjson
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential_jitter
 
 logger = logging.getLogger("rh_trl")
@@ -145,7 +147,7 @@ class HTTPPool:
                 f"{url} rejected the request: HTTP {response.status_code}: {response.text[:500]}"
             )
         try:
-            return response.json()
+            return decode_json(response.content)
         except ValueError as err:
             raise MalformedResponse(
                 f"{url} answered with a body that is not JSON: {response.text[:200]!r}"
@@ -157,6 +159,16 @@ class HTTPPool:
         if loop in self._per_loop:
             client, _ = self._per_loop.pop(loop)
             await client.aclose()
+
+
+def decode_json(body: bytes) -> Any:
+    """Decode a JSON answer with orjson (several times faster on the large per-token log-prob answers); bodies
+    orjson refuses, such as the ``NaN`` / ``Infinity`` that Python's encoder writes, go to the standard
+    decoder."""
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return json.loads(body)
 
 
 def run_sync(coroutine: Coroutine[Any, Any, T]) -> T:

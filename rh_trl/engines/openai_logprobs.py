@@ -40,6 +40,20 @@ logger = logging.getLogger("rh_trl")
 _TOKEN_ID = re.compile(r"^token_id:(-?\d+)$")
 
 
+def _json_prompt_logprobs(entries: Any, ids: list[int]) -> list[float] | None:
+    """The fast reading of a well-formed JSON ``prompt_logprobs`` (``NaN`` first, then each token's log-prob), or
+    ``None`` when anything deviates from the schema; the general reader then names what is wrong."""
+    if not isinstance(entries, list) or len(entries) != len(ids):
+        return None
+    try:
+        values = [entries[t][str(ids[t])]["logprob"] for t in range(1, len(ids))]
+    except (KeyError, TypeError, IndexError):
+        return None
+    if not all(type(v) is float or type(v) is int for v in values):
+        return None
+    return [float("nan"), *map(float, values)]
+
+
 class OpenAILogprobClient:
     """Reads span log-probs from one OpenAI-compatible server (or several replicas of one model).
 
@@ -182,10 +196,11 @@ class OpenAILogprobClient:
                     f"{where}: the answer has no 'prompt_logprobs' (keys: {sorted(choice)}); the server may not "
                     "support vLLM's prompt_logprobs: use_prompt_logprobs=False reads echo + logprobs instead"
                 )
-            return [
-                float("nan"),
-                *span_from_prompt_logprobs(choice["prompt_logprobs"], ids, 1, len(ids), source=where),
-            ]
+            entries = choice["prompt_logprobs"]
+            fast = _json_prompt_logprobs(entries, ids)
+            if fast is not None:
+                return fast
+            return [float("nan"), *span_from_prompt_logprobs(entries, ids, 1, len(ids), source=where)]
         return self._parse_echo(choice, ids, where)
 
     def _parse_echo(self, choice: dict[str, Any], ids: list[int], where: str) -> list[float]:
