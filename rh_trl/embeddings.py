@@ -301,9 +301,6 @@ class TextEncoder:
         self.formatter = ChatFormatter(
             self.tokenizer, max_length=max_length, chat_template=chat_template, text_as_chat=text_as_chat
         )
-        # encoders that open every sequence with [CLS] and have no BOS keep that token on left truncation
-        if self.formatter.bos_id is None and getattr(self.tokenizer, "cls_token_id", None) is not None:
-            self.formatter.bos_id = self.tokenizer.cls_token_id
         pad = getattr(self.model.config, "pad_token_id", None)
         self.engine = HFEngine(
             self.model,

@@ -220,7 +220,10 @@ class ChatFormatter:
             self.template = chat_template
         else:
             self.template = getattr(tokenizer, "chat_template", None) or None
-        self.bos_id: int | None = getattr(tokenizer, "bos_token_id", None)
+        # the token that opens every sequence and survives left truncation: BOS, or [CLS] for BERT-style
+        # encoders, whose classifiers pool that first position
+        bos = getattr(tokenizer, "bos_token_id", None)
+        self.bos_id: int | None = bos if bos is not None else getattr(tokenizer, "cls_token_id", None)
 
     @property
     def uses_chat_template(self) -> bool:
@@ -299,7 +302,7 @@ class ChatFormatter:
         return ids, n
 
     def truncate(self, encoded: Encoded) -> Encoded:
-        """Cut ``encoded`` to ``max_length`` from the left of the prompt, keeping a leading BOS token."""
+        """Cut ``encoded`` to ``max_length`` from the left of the prompt, keeping a leading BOS (or [CLS]) token."""
         limit = self.max_length
         ids = encoded.input_ids
         if limit is None or len(ids) <= limit:

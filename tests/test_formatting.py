@@ -111,6 +111,17 @@ def test_left_truncation_keeps_bos_and_whole_response(llama_tok):
     assert enc.response_ids == full.response_ids
 
 
+def test_left_truncation_keeps_cls_for_bert_tokenizers(minilm_tok):
+    """BERT-style classifiers pool the first position: a cut prompt must still open with [CLS]."""
+    assert minilm_tok.bos_token_id is None and minilm_tok.cls_token_id is not None
+    sample = to_sample("Tell a tiny story about a river. " * 20, "A short reply.")
+    full = ChatFormatter(minilm_tok, chat_template=False).encode(sample)
+    enc = ChatFormatter(minilm_tok, chat_template=False, max_length=16).encode(sample)
+    assert full.input_ids[0] == minilm_tok.cls_token_id and enc.truncated == "prompt"
+    assert enc.input_ids == [minilm_tok.cls_token_id] + full.input_ids[-15:]
+    assert enc.response_ids == full.response_ids
+
+
 def test_response_longer_than_max_length_keeps_its_end(chatml_tok):
     response = "Numbers 0 1 2 3 4 5 6 7 8 9 and punctuation , . ! ? " * 5
     full = ChatFormatter(chatml_tok).encode(to_sample("Hi", response))
