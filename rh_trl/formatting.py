@@ -268,7 +268,10 @@ class ChatFormatter:
 
     def encode(self, sample: Sample) -> Encoded:
         """Render, tokenize, locate the response and truncate one sample."""
-        text, response_char, add_special = self.render(sample)
+        return self.encode_rendered(*self.render(sample))
+
+    def encode_rendered(self, text: str, response_char: int | None, add_special: bool) -> Encoded:
+        """Tokenize, locate the response and truncate what :meth:`render` returned."""
         ids, response_start = self._tokenize(text, response_char, add_special)
         if len(ids) >= 2 and self.bos_id is not None and ids[0] == ids[1] == self.bos_id:
             ids = ids[1:]

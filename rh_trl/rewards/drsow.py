@@ -98,7 +98,7 @@ class SpanEncoder:
     def encode(self, sample: Sample) -> Span:
         templated = sample.conversational and self.formatter.uses_chat_template
         text, response_char, add_special = self.formatter.render(sample)
-        encoded = self.formatter.encode(sample)
+        encoded = self.formatter.encode_rendered(text, response_char, add_special)
         if encoded.response_start is None or response_char is None:
             raise SpanError("the response could not be located in the rendered text")
         ids, start = encoded.input_ids, encoded.response_start
