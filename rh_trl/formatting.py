@@ -23,7 +23,7 @@ In every layout a doubled BOS (template BOS + tokenizer BOS) is collapsed to one
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 Message = dict[str, Any]
@@ -171,13 +171,16 @@ class Encoded:
 
     ``response_start`` is the index of the first response token (``None`` when it could not be located);
     ``truncated`` is ``None``, ``"prompt"`` (tokens cut from the left of the prompt) or ``"response"`` (the
-    response alone was longer than ``max_length``, so its beginning was cut too).
+    response alone was longer than ``max_length``, so its beginning was cut too). ``tail_tokens``, when an
+    ``end_char`` was given to :meth:`ChatFormatter.encode_rendered` and the tokenizer is fast, counts the tokens
+    at the end that follow that character (e.g. a template's end-of-turn tokens after the response text).
     """
 
     input_ids: list[int]
     response_start: int | None
     truncated: str | None = None
     text: str = field(default="", repr=False)
+    tail_tokens: int | None = field(default=None, repr=False)
 
     @property
     def response_ids(self) -> list[int]:
@@ -270,39 +273,48 @@ class ChatFormatter:
         """Render, tokenize, locate the response and truncate one sample."""
         return self.encode_rendered(*self.render(sample))
 
-    def encode_rendered(self, text: str, response_char: int | None, add_special: bool) -> Encoded:
-        """Tokenize, locate the response and truncate what :meth:`render` returned."""
-        ids, response_start = self._tokenize(text, response_char, add_special)
+    def encode_rendered(
+        self, text: str, response_char: int | None, add_special: bool, end_char: int | None = None
+    ) -> Encoded:
+        """Tokenize, locate the response and truncate what :meth:`render` returned (``end_char``: see
+        :class:`Encoded`'s ``tail_tokens``)."""
+        ids, response_start, tail = self._tokenize(text, response_char, add_special, end_char)
         if len(ids) >= 2 and self.bos_id is not None and ids[0] == ids[1] == self.bos_id:
             ids = ids[1:]
             response_start = None if response_start is None else max(response_start - 1, 1)
-        encoded = Encoded(ids, response_start, text=text)
+        encoded = Encoded(ids, response_start, text=text, tail_tokens=tail)
         return self.truncate(encoded)
 
     def _tokenize(
-        self, text: str, response_char: int | None, add_special: bool
-    ) -> tuple[list[int], int | None]:
+        self, text: str, response_char: int | None, add_special: bool, end_char: int | None = None
+    ) -> tuple[list[int], int | None, int | None]:
         tok = self.tokenizer
         if getattr(tok, "is_fast", False):
             enc = tok(text, add_special_tokens=add_special, return_offsets_mapping=True)
             ids = list(enc["input_ids"])
-            if response_char is None:
-                return ids, None
             offsets = enc["offset_mapping"]
             real = [i for i, (s, e) in enumerate(offsets) if e > s]
+            tail = None
+            if end_char is not None:
+                # the tail is what follows the last real token starting before end_char: template tokens, or
+                # special tokens appended with zero-width offsets
+                inside = [i for i in real if offsets[i][0] < end_char]
+                tail = len(ids) - (inside[-1] + 1 if inside else 0)
+            if response_char is None:
+                return ids, None, tail
             start = next((i for i in real if offsets[i][1] > response_char), None)
             if start is None:  # empty response: it starts after the last real token
                 start = real[-1] + 1 if real else len(ids)
-            return ids, start
+            return ids, start, tail
         ids = list(tok(text, add_special_tokens=add_special)["input_ids"])
         if response_char is None:
-            return ids, None
+            return ids, None, None
         prefix_ids = list(tok(text[:response_char], add_special_tokens=add_special)["input_ids"])
         # the prefix ends with the tokenizer's closing special tokens, if any: compare only the shared part
         n = 0
         while n < min(len(prefix_ids), len(ids)) and prefix_ids[n] == ids[n]:
             n += 1
-        return ids, n
+        return ids, n, None
 
     def truncate(self, encoded: Encoded) -> Encoded:
         """Cut ``encoded`` to ``max_length`` from the left of the prompt, keeping a leading BOS (or [CLS]) token."""
@@ -314,8 +326,13 @@ class ChatFormatter:
         excess = len(ids) - limit
         start = encoded.response_start
         if start is not None and start - head >= excess:
-            return Encoded(ids[:head] + ids[head + excess :], start - excess, "prompt", encoded.text)
-        tail = ids[len(ids) - (limit - head) :]
+            return replace(
+                encoded,
+                input_ids=ids[:head] + ids[head + excess :],
+                response_start=start - excess,
+                truncated="prompt",
+            )
+        kept = ids[:head] + ids[len(ids) - (limit - head) :]
         if start is None:  # span unknown: plain left truncation
-            return Encoded(ids[:head] + tail, None, "prompt", encoded.text)
-        return Encoded(ids[:head] + tail, head, "response", encoded.text)
+            return replace(encoded, input_ids=kept, truncated="prompt")
+        return replace(encoded, input_ids=kept, response_start=head, truncated="response")

@@ -12,8 +12,8 @@ import torch
 
 from rh_trl.engines.logprobs import TokenMismatchError, next_token_logprobs
 from rh_trl.engines.vllm_logprobs import import_vllm, span_logprobs_from_output
-from rh_trl.formatting import RewardInputError
-from rh_trl.rewards.drsow import DrSow
+from rh_trl.formatting import RewardInputError, to_sample
+from rh_trl.rewards.drsow import DrSow, SpanEncoder
 from rh_trl.testing import tiny_causal_lm
 
 from .conftest import CONV_COMPLETIONS, CONV_PROMPTS, TEXT_COMPLETIONS, TEXT_PROMPTS
@@ -67,6 +67,34 @@ def reference(strong_lm, llama_tok, weak_lm, chatml_tok, prompts, completions, r
 
 def max_diff(a, b) -> float:
     return max(abs(x - y) for x, y in zip(a, b, strict=True))
+
+
+class WithoutOffsets:
+    """A tokenizer seen as slow: no offset mappings, so spans come from prefix tokenizations."""
+
+    is_fast = False
+
+    def __init__(self, tokenizer) -> None:
+        self._tokenizer = tokenizer
+
+    def __getattr__(self, name):
+        return getattr(self._tokenizer, name)
+
+    def __call__(self, text, **kwargs):
+        assert "return_offsets_mapping" not in kwargs
+        return self._tokenizer(text, **kwargs)
+
+
+@pytest.mark.parametrize("slow", [False, True], ids=["offsets", "prefix-tokenization"])
+@pytest.mark.parametrize("end_of_turn", [False, True])
+def test_spans_match_prefix_positions(llama_tok, chatml_tok, slow, end_of_turn):
+    for tok in (llama_tok, chatml_tok):
+        encoder = SpanEncoder(WithoutOffsets(tok) if slow else tok, include_end_of_turn=end_of_turn)
+        for prompts, completions in ((CONV_PROMPTS, CONV_COMPLETIONS), (TEXT_PROMPTS, TEXT_COMPLETIONS)):
+            for p, c in zip(prompts, completions, strict=True):
+                span = encoder.encode(to_sample(p, c))
+                full, start, end = response_positions(tok, p, c, end_of_turn and not isinstance(p, str))
+                assert (span.input_ids, span.start, span.end) == (full, start, end)
 
 
 @pytest.mark.parametrize("reduction", ["sum", "mean"])

@@ -98,14 +98,20 @@ class SpanEncoder:
     def encode(self, sample: Sample) -> Span:
         templated = sample.conversational and self.formatter.uses_chat_template
         text, response_char, add_special = self.formatter.render(sample)
-        encoded = self.formatter.encode_rendered(text, response_char, add_special)
-        if encoded.response_start is None or response_char is None:
+        if response_char is None:
+            raise SpanError("the response could not be located in the rendered text")
+        scores_tail = self.include_end_of_turn if templated else self.include_eos
+        end_char = None if scores_tail else self._response_end_char(text, response_char, sample)
+        encoded = self.formatter.encode_rendered(text, response_char, add_special, end_char)
+        if encoded.response_start is None:
             raise SpanError("the response could not be located in the rendered text")
         ids, start = encoded.input_ids, encoded.response_start
-        if self.include_end_of_turn if templated else self.include_eos:
+        if end_char is None:
             tail = 0
+        elif encoded.tail_tokens is not None:  # from the same offsets (fast tokenizers)
+            tail = encoded.tail_tokens
         else:
-            tail = self._tail_tokens(text, self._response_end_char(text, response_char, sample), add_special)
+            tail = self._tail_tokens(text, end_char, add_special)
         end = len(ids) - tail
         if end < start:
             raise SpanError(f"the response span ends (token {end}) before it starts (token {start})")
@@ -130,18 +136,10 @@ class SpanEncoder:
         )
 
     def _tail_tokens(self, text: str, end_char: int, add_special: bool) -> int:
-        """How many tokens of the tokenized ``text`` start at or after ``end_char`` (the end-of-turn tokens)."""
-        tok = self.tokenizer
-        if getattr(tok, "is_fast", False):
-            enc = tok(text, add_special_tokens=add_special, return_offsets_mapping=True)
-            offsets = enc["offset_mapping"]
-            # the span ends after the last real token that starts inside the response; what follows (template
-            # tokens, or special tokens the tokenizer appends with zero-width offsets) is the tail
-            inside = [i for i, (s, e) in enumerate(offsets) if e > s and s < end_char]
-            end = inside[-1] + 1 if inside else 0
-            return len(enc["input_ids"]) - end
-        full = tok(text, add_special_tokens=add_special)["input_ids"]
-        prefix = tok(text[:end_char], add_special_tokens=add_special)["input_ids"]
+        """How many tokens of the tokenized ``text`` follow ``end_char``, for slow tokenizers (no offsets): the
+        tokens of the whole text after those it shares with the tokenized ``text[:end_char]``."""
+        full = self.tokenizer(text, add_special_tokens=add_special)["input_ids"]
+        prefix = self.tokenizer(text[:end_char], add_special_tokens=add_special)["input_ids"]
         n = 0
         while n < min(len(full), len(prefix)) and full[n] == prefix[n]:
             n += 1
