@@ -198,6 +198,7 @@ def measure(label: str, servers: dict[str, dict[str, str]], make: Any, prompts, 
     sequential(rewards[first], servers[first], prompts[:4], completions[:4], headers)
 
     times = {"sequential": math.inf, **dict.fromkeys(servers, math.inf)}
+    diff = 0.0  # largest reward difference from the sequential client, over every run
     for _ in range(args.repeats):  # interleaved; the best of each, since the machine may be shared
         start = time.perf_counter()
         baseline = sequential(rewards[first], servers[first], prompts, completions, headers)
@@ -209,7 +210,7 @@ def measure(label: str, servers: dict[str, dict[str, str]], make: Any, prompts, 
             times[name] = min(times[name], time.perf_counter() - start)
             if name == first:
                 before, after = before_run, {side: server_stats(url) for side, url in servers[name].items()}
-            diff = max(abs(x - y) for x, y in zip(scores, baseline, strict=True))  # type: ignore[operator]
+            diff = max(diff, *(abs(x - y) for x, y in zip(scores, baseline, strict=True)))  # type: ignore[operator]
     tokens = sum(
         len(rewards[first].encoders["strong"].encode(to_sample(p, c)).input_ids)
         for p, c in zip(prompts, completions, strict=True)
@@ -230,7 +231,7 @@ def measure(label: str, servers: dict[str, dict[str, str]], make: Any, prompts, 
         print(
             f"strong server, {first}: {strong['sequences']} sequences in {strong['forwards']} forward passes "
             f"({strong['sequences'] / max(1, strong['forwards']):.1f} per pass), padding efficiency "
-            f"{strong['real_tokens'] / max(1, strong['padded_tokens']):.2f}; forward passes busy: strong "
+            f"{strong['real_tokens'] / max(1, strong['padded_tokens']):.2f}; last run's forward passes busy: strong "
             f"{busy['strong']:.2f} s, weak {busy['weak']:.2f} s (no client beats the slower server's time)"
         )
     ratio = times["sequential"] / times[first]
