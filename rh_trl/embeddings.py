@@ -36,8 +36,16 @@ import numpy as np
 import torch
 
 from rh_trl.engines.hf import HFEngine, Reader
-from rh_trl.formatting import ChatFormatter, Encoded, RewardInputError, Sample, to_sample
-from rh_trl.loading import load_model, load_tokenizer, padding_id
+from rh_trl.formatting import (
+    ChatFormatter,
+    Encoded,
+    RewardInputError,
+    Sample,
+    encode_samples,
+    encoding_counts,
+    to_sample,
+)
+from rh_trl.loading import config_dict, load_model, load_tokenizer, padding_id
 
 logger = logging.getLogger("rh_trl")
 
@@ -210,13 +218,7 @@ def guess_kind(model: Any) -> str:
         MODEL_FOR_MASKED_LM_MAPPING_NAMES,
     )
 
-    config: dict[str, Any] = {}
-    if isinstance(model, str | os.PathLike):
-        path = Path(model).expanduser() / "config.json"
-        if path.exists():
-            config = json.loads(path.read_text())
-    elif getattr(model, "config", None) is not None:
-        config = model.config.to_dict()
+    config = config_dict(model)
     names = list(config.get("architectures") or []) + [type(model).__name__]
     if any(n.endswith("ForCausalLM") for n in names):
         return "causal"
@@ -405,32 +407,13 @@ class TextEncoder:
 
     def embed(self, samples: Sequence[Sample | None], strict: bool = False) -> Embedded:
         """Vectors of samples; a sample that cannot be rendered gets ``None`` (or raises with ``strict``)."""
-        encoded: list[Encoded | None] = []
-        errors: list[str | None] = []
-        for i, sample in enumerate(samples):
-            if sample is None:
-                encoded.append(None)
-                errors.append(None)
-                continue
-            try:
-                encoded.append(self.encode(sample))
-                errors.append(None)
-            except Exception as err:  # a template error on one sample must not stop training
-                if strict:
-                    raise RewardInputError(f"sample {i} could not be rendered: {err}") from err
-                encoded.append(None)
-                errors.append(f"{type(err).__name__}: {err}")
+        encoded, errors = encode_samples(self.encode, samples, strict=strict)
         todo = [i for i, e in enumerate(encoded) if e is not None]
-        matrix, counts = self.embed_ids([encoded[i].input_ids for i in todo])  # type: ignore[union-attr]
+        matrix, cache_counts = self.embed_ids([encoded[i].input_ids for i in todo])  # type: ignore[union-attr]
         vectors: list[torch.Tensor | None] = [None] * len(samples)
         for row, i in enumerate(todo):
             vectors[i] = matrix[row]
-        counts = {
-            "truncated": sum(1 for e in encoded if e is not None and e.truncated == "prompt"),
-            "response_truncated": sum(1 for e in encoded if e is not None and e.truncated == "response"),
-            "render_failed": sum(1 for e in errors if e is not None),
-            **counts,
-        }
+        counts = {**encoding_counts(encoded, errors), **cache_counts}
         return Embedded(vectors, encoded, errors, counts)
 
     def embed_pairs(

@@ -22,9 +22,9 @@ In every layout a doubled BOS (template BOS + tokenizer BOS) is collapsed to one
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, TypeVar
 
 Message = dict[str, Any]
 Conversation = list[Message]
@@ -336,3 +336,44 @@ class ChatFormatter:
         if start is None:  # span unknown: plain left truncation
             return replace(encoded, input_ids=kept, truncated="prompt")
         return replace(encoded, input_ids=kept, response_start=head, truncated="response")
+
+
+T = TypeVar("T")
+
+
+def encode_samples(
+    encode: Callable[[Sample], T], samples: Sequence[Sample | None], *, strict: bool = False, where: str = ""
+) -> tuple[list[T | None], list[str | None]]:
+    """``encode`` applied to each distinct sample once (``None`` samples stay ``None``), and per sample the
+    error of a sample that could not be rendered: it gets ``None`` and ``"<Error>: <message>"`` so that one
+    bad sample never stops training, or, with ``strict``, a :class:`RewardInputError` naming it (after
+    ``where``, e.g. ``"orm_x: "``)."""
+    done: dict[str, tuple[T | None, str | None]] = {}
+    encoded: list[T | None] = []
+    errors: list[str | None] = []
+    for i, sample in enumerate(samples):
+        if sample is None:
+            encoded.append(None)
+            errors.append(None)
+            continue
+        key = sample.key()
+        if key not in done:
+            try:
+                done[key] = (encode(sample), None)
+            except Exception as err:
+                if strict:
+                    raise RewardInputError(f"{where}sample {i} could not be rendered: {err}") from err
+                done[key] = (None, f"{type(err).__name__}: {err}")
+        value, error = done[key]
+        encoded.append(value)
+        errors.append(error)
+    return encoded, errors
+
+
+def encoding_counts(encoded: Sequence[Encoded | None], errors: Sequence[str | None]) -> dict[str, int]:
+    """``truncated`` (samples that lost prompt tokens), ``response_truncated`` and ``render_failed``."""
+    return {
+        "truncated": sum(1 for e in encoded if e is not None and e.truncated == "prompt"),
+        "response_truncated": sum(1 for e in encoded if e is not None and e.truncated == "response"),
+        "render_failed": sum(1 for e in errors if e is not None),
+    }

@@ -28,6 +28,25 @@ from rh_trl.stats import summarize
 
 logger = logging.getLogger("rh_trl")
 
+
+def log_encoding(
+    name: str, counts: dict[str, int], errors: Sequence[str | None], max_length: int | None
+) -> None:
+    """Log a batch's samples that could not be rendered (a warning naming the first) and its truncations
+    (``counts`` from :func:`~rh_trl.formatting.encoding_counts`)."""
+    failed = [e for e in errors if e is not None]
+    if failed:
+        logger.warning("%s: %d sample(s) could not be rendered (first: %s)", name, len(failed), failed[0])
+    if counts.get("truncated") or counts.get("response_truncated"):
+        logger.info(
+            "%s: %d sample(s) lost prompt tokens from the left and %d lost response tokens (max_length=%s)",
+            name,
+            counts["truncated"],
+            counts["response_truncated"],
+            max_length,
+        )
+
+
 _names_lock = threading.Lock()
 _names_taken: Counter[str] = Counter()
 

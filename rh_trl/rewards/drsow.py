@@ -41,7 +41,7 @@ import torch
 
 from rh_trl.engines.hf import HFEngine
 from rh_trl.engines.http import RetryPolicy, run_sync
-from rh_trl.formatting import ChatFormatter, RewardInputError, Sample
+from rh_trl.formatting import ChatFormatter, RewardInputError, Sample, encode_samples
 from rh_trl.loading import load_model, load_tokenizer, padding_id
 from rh_trl.rewards.base import Batch, Reward, RewardOutput
 
@@ -405,37 +405,16 @@ class DrSow(Reward):
         self, samples: Sequence[Sample | None]
     ) -> tuple[dict[str, list[Span | None]], list[str | None]]:
         """Each sample's span for each model (each distinct sample rendered once), and per-sample errors."""
-        spans: dict[str, list[Span | None]] = {"strong": [], "weak": []}
-        errors: list[str | None] = []
-        cache: dict[str, tuple[Span, Span] | str] = {}
-        for i, sample in enumerate(samples):
-            if sample is None:
-                spans["strong"].append(None)
-                spans["weak"].append(None)
-                errors.append(None)
-                continue
-            key = sample.key()
-            if key not in cache:
-                try:
-                    cache[key] = (
-                        self.encoders["strong"].encode(sample),
-                        self.encoders["weak"].encode(sample),
-                    )
-                except Exception as err:  # one bad sample must not stop training
-                    if self.strict:
-                        raise RewardInputError(
-                            f"{self.__name__}: sample {i} could not be rendered: {err}"
-                        ) from err
-                    cache[key] = f"{type(err).__name__}: {err}"
-            entry = cache[key]
-            if isinstance(entry, str):
-                spans["strong"].append(None)
-                spans["weak"].append(None)
-                errors.append(entry)
-            else:
-                spans["strong"].append(entry[0])
-                spans["weak"].append(entry[1])
-                errors.append(None)
+        pairs, errors = encode_samples(
+            lambda sample: (self.encoders["strong"].encode(sample), self.encoders["weak"].encode(sample)),
+            samples,
+            strict=self.strict,
+            where=f"{self.__name__}: ",
+        )
+        spans: dict[str, list[Span | None]] = {
+            side: [None if pair is None else pair[k] for pair in pairs]
+            for k, side in enumerate(("strong", "weak"))
+        }
         return spans, errors
 
     def _reduce(self, logprobs: list[float]) -> float:

@@ -24,7 +24,7 @@ import torch
 from rh_trl.embedding_heads import EmbeddingHead, ensemble_scores
 from rh_trl.embeddings import MINILM, EmbeddingCache, TextEncoder
 from rh_trl.formatting import RewardInputError
-from rh_trl.rewards.base import Batch, Reward, RewardOutput
+from rh_trl.rewards.base import Batch, Reward, RewardOutput, log_encoding
 
 logger = logging.getLogger("rh_trl")
 
@@ -111,22 +111,7 @@ class EmbeddingRM(Reward):
             embedded = self.encoder.embed(batch.samples, strict=self.strict)
         except RewardInputError as err:
             raise RewardInputError(f"{self.__name__}: {err}") from err.__cause__
-        failed = [i for i, e in enumerate(embedded.errors) if e is not None]
-        if failed:
-            logger.warning(
-                "%s: %d sample(s) could not be rendered (first: %s)",
-                self.__name__,
-                len(failed),
-                embedded.errors[failed[0]],
-            )
-        if embedded.counts.get("truncated") or embedded.counts.get("response_truncated"):
-            logger.info(
-                "%s: %d sample(s) lost prompt tokens from the left and %d lost response tokens (max_length=%s)",
-                self.__name__,
-                embedded.counts["truncated"],
-                embedded.counts["response_truncated"],
-                self.encoder.max_length,
-            )
+        log_encoding(self.__name__, embedded.counts, embedded.errors, self.encoder.max_length)
         todo = [i for i, v in enumerate(embedded.vectors) if v is not None]
         rewards: list[float | None] = [None] * len(batch)
         extra: dict[str, list[Any]] = {}

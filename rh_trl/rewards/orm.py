@@ -10,10 +10,10 @@ from typing import Any, Literal
 import torch
 
 from rh_trl.engines.hf import HFEngine
-from rh_trl.formatting import ChatFormatter, Encoded, RewardInputError
+from rh_trl.formatting import ChatFormatter, Encoded, encode_samples, encoding_counts
 from rh_trl.loading import config_dict, load_model, load_tokenizer, padding_id
 from rh_trl.rewards.adapters import DEFAULT_ADAPTER, ORMAdapter, adapter_for, get_orm_adapter
-from rh_trl.rewards.base import Batch, Reward, RewardOutput
+from rh_trl.rewards.base import Batch, Reward, RewardOutput, log_encoding
 
 logger = logging.getLogger("rh_trl")
 
@@ -203,57 +203,17 @@ class ORM(Reward):
 
     def encode(self, batch: Batch) -> tuple[list[Encoded | None], list[str | None]]:
         """Tokenize every readable sample of a batch (each distinct sample once)."""
-        cache: dict[str, Encoded] = {}
-        encoded: list[Encoded | None] = []
-        errors: list[str | None] = []
-        for i, sample in enumerate(batch.samples):
-            if sample is None:
-                encoded.append(None)
-                errors.append(None)
-                continue
-            key = sample.key()
-            try:
-                if key not in cache:
-                    cache[key] = self.formatter.encode(sample)
-                encoded.append(cache[key])
-                errors.append(None)
-            except Exception as err:  # a template error on one sample must not stop training
-                if self.strict:
-                    raise RewardInputError(
-                        f"{self.__name__}: sample {i} could not be rendered: {err}"
-                    ) from err
-                encoded.append(None)
-                errors.append(f"{type(err).__name__}: {err}")
-        return encoded, errors
+        return encode_samples(
+            self.formatter.encode, batch.samples, strict=self.strict, where=f"{self.__name__}: "
+        )
 
     def compute(self, batch: Batch) -> RewardOutput:
         encoded, errors = self.encode(batch)
-        failed = [i for i, e in enumerate(errors) if e is not None]
-        if failed:
-            logger.warning(
-                "%s: %d sample(s) could not be rendered (first: %s)",
-                self.__name__,
-                len(failed),
-                errors[failed[0]],
-            )
+        counts = encoding_counts(encoded, errors)
+        log_encoding(self.__name__, counts, errors, self.formatter.max_length)
         todo = [i for i, e in enumerate(encoded) if e is not None]
         rows = self.engine.run([encoded[i].input_ids + self.suffix for i in todo], self.adapter.read)  # type: ignore[union-attr]
         rewards: list[float | None] = [None] * len(batch)
         for i, row in zip(todo, rows, strict=True):
             rewards[i] = self.reduce(row)
-        truncated = sum(1 for e in encoded if e is not None and e.truncated == "prompt")
-        response_truncated = sum(1 for e in encoded if e is not None and e.truncated == "response")
-        if truncated or response_truncated:
-            logger.info(
-                "%s: %d sample(s) lost prompt tokens from the left and %d lost response tokens (max_length=%s)",
-                self.__name__,
-                truncated,
-                response_truncated,
-                self.formatter.max_length,
-            )
-        counts = {
-            "truncated": truncated,
-            "response_truncated": response_truncated,
-            "render_failed": len(failed),
-        }
         return RewardOutput(rewards, counts)
