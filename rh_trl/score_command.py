@@ -99,19 +99,41 @@ def write_rows(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> No
         raise ValueError(f"the output must end in {' or '.join(OUTPUT_SUFFIXES)}, got {path}")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    if path.suffix == ".parquet":
-        import pandas as pd
+    try:
+        if path.suffix == ".parquet":
+            import pandas as pd
 
-        pd.DataFrame(list(rows)).to_parquet(tmp, index=False)
-    else:
-        with open(tmp, "w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False, allow_nan=False) + "\n")
+            pd.DataFrame(list(rows)).to_parquet(tmp, index=False)
+        else:
+            with open(tmp, "w", encoding="utf-8") as f:
+                for row in rows:
+                    f.write(json.dumps(row, ensure_ascii=False, allow_nan=False) + "\n")
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)
 
 
+def check_writable(rows: Sequence[Mapping[str, Any]], path: Path) -> None:
+    """Raise a ValueError before any scoring when ``rows`` cannot be written as Parquet (e.g. a column that
+    holds strings in some rows and message lists in others)."""
+    if path.suffix != ".parquet":
+        return
+    import pandas as pd
+    import pyarrow as pa
+
+    try:
+        pa.Table.from_pandas(pd.DataFrame(list(rows)), preserve_index=False)
+    except (pa.ArrowTypeError, pa.ArrowInvalid) as err:
+        raise ValueError(
+            f"these rows cannot be written as Parquet ({err}); columns that mix strings and message lists need a "
+            ".jsonl --output"
+        ) from err
+
+
 def check_rows(rows: Sequence[Mapping[str, Any]], prompt_column: str, completion_column: str) -> None:
-    """Raise a ValueError naming the first row that lacks the prompt or completion column."""
+    """Raise a ValueError naming the first row that lacks the prompt or completion column, or the columns that
+    take the names of the reward call's own arguments."""
     for i, row in enumerate(rows):
         missing = [c for c in (prompt_column, completion_column) if c not in row]
         if missing:
@@ -119,6 +141,12 @@ def check_rows(rows: Sequence[Mapping[str, Any]], prompt_column: str, completion
                 f"row {i} has no {missing} column (its columns: {sorted(row)}); expected a '{prompt_column}' and "
                 f"a '{completion_column}' per row (TRL's prompt-completion format)"
             )
+    names = {k for row in rows for k in row} - {prompt_column, completion_column}
+    clash = sorted(names & set(RESERVED_COLUMNS))
+    if clash:
+        raise ValueError(
+            f"the data has column(s) {clash}, names the reward call uses for its own arguments; rename them"
+        )
 
 
 # -- scoring --------------------------------------------------------------------------------------------------
@@ -144,11 +172,6 @@ def score_rows(
     for start in range(0, len(rows), batch_size):
         batch = rows[start : start + batch_size]
         names = {k for row in batch for k in row} - {prompt_column, completion_column}
-        clash = sorted(names & set(RESERVED_COLUMNS))
-        if clash:
-            raise ValueError(
-                f"the data has column(s) {clash}, names the reward call uses for its own arguments; rename them"
-            )
         columns = {name: [row.get(name) for row in batch] for name in sorted(names)}
         values = reward(
             [row[prompt_column] for row in batch], [row[completion_column] for row in batch], **columns
@@ -179,6 +202,7 @@ def run_score(args: argparse.Namespace) -> ScoreSummary:
             f"{args.column}_2)"
         )
     check_rows(rows, args.prompt_column, args.completion_column)
+    check_writable([{**row, args.column: 0.0} for row in rows], output)
     options = json.loads(args.options) if args.options else {}
     if not isinstance(options, dict):
         raise ValueError(f"--options must be a JSON object of keyword arguments, got {args.options!r}")

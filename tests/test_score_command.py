@@ -137,6 +137,15 @@ def test_bad_input_is_explained(tmp_path, rm_dir):
     data = write_jsonl(tmp_path / "rows3.jsonl", [ROWS[0]])
     with pytest.raises(ValueError, match="--options must be a JSON object"):
         main(["--model", str(path), "--data", str(data), "--options", "[1]", "--no-progress"])
+    missing_model = str(tmp_path / "no-model")  # the checks below fail before any model is loaded
+    data = write_jsonl(tmp_path / "rows4.jsonl", [{**ROWS[4], "completion_ids": [1, 2]}])
+    with pytest.raises(ValueError, match=r"column\(s\) \['completion_ids'\].*rename them"):
+        main(["--model", missing_model, "--data", str(data), "--no-progress"])
+    mixed = write_jsonl(tmp_path / "mixed.jsonl", ROWS)  # prompts: strings in one row, messages in others
+    output = tmp_path / "mixed.parquet"
+    with pytest.raises(ValueError, match="cannot be written as Parquet.*jsonl --output"):
+        main(["--model", missing_model, "--data", str(mixed), "--output", str(output), "--no-progress"])
+    assert not output.exists() and not list(tmp_path.glob("*.tmp"))
     with pytest.raises(ValueError, match=r"--output must end in \.jsonl or \.parquet"):
         main(
             ["--model", str(path), "--data", str(data), "--output", str(tmp_path / "x.csv"), "--no-progress"]
