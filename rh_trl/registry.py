@@ -49,7 +49,7 @@ from rh_trl.rewards.cloud import CLoud, CLoudConfig
 from rh_trl.rewards.drsow import DrSow
 from rh_trl.rewards.embedding import CONFIG_NAME as EMBEDDING_CONFIG
 from rh_trl.rewards.embedding import load_embedding_rm
-from rh_trl.rewards.factory import TINY_PREFIX, import_target
+from rh_trl.rewards.factory import TINY_PREFIX, import_target, resolve_tiny
 from rh_trl.rewards.orm import ORM
 from rh_trl.rewards.pairwise import PairwisePM
 from rh_trl.rewards.prm import DEFAULTS as PRM_DEFAULTS
@@ -359,11 +359,12 @@ def inspect_model(source: str | os.PathLike, tokenizer: Any = None) -> ModelFile
     config = _read_json(directory / CONFIG_FILE)
     if not isinstance(config, dict):
         raise ModelLoadError(f"{directory / CONFIG_FILE} is not a JSON object; expected a model config")
-    tokens = tokenizer_file_tokens(directory)
     if isinstance(tokenizer, str | os.PathLike) and Path(tokenizer).expanduser().is_dir():
         tokens = tokenizer_file_tokens(Path(tokenizer).expanduser())
     elif tokenizer is not None and not isinstance(tokenizer, str | os.PathLike):
         tokens = _object_tokens(tokenizer)
+    else:
+        tokens = tokenizer_file_tokens(directory)
     files = tuple(sorted(p.name for p in directory.iterdir()))
     return ModelFiles(text, hub_id, directory, config, files, tokens)
 
@@ -444,23 +445,6 @@ def infer_from_config(
                             f"{files.describe()}. {_HAND_PICK}")  # fmt: skip
 
 
-def _tiny(name: str) -> tuple[Any, Any]:
-    from rh_trl.testing import tiny_model
-
-    return tiny_model(name[len(TINY_PREFIX) :])
-
-
-def _resolve_tiny_options(options: dict[str, Any]) -> dict[str, Any]:
-    """``strong="rh_trl:tiny-…"`` etc. become the tiny model and its tokenizer."""
-    options = dict(options)
-    for model_arg, tokenizer_arg in (("strong", "strong_tokenizer"), ("weak", "weak_tokenizer")):
-        value = options.get(model_arg)
-        if isinstance(value, str) and value.startswith(TINY_PREFIX):
-            options[model_arg], tokenizer = _tiny(value)
-            options.setdefault(tokenizer_arg, tokenizer)
-    return options
-
-
 def _entry_target(entry: ModelEntry) -> Callable[..., Reward]:
     if entry.target is None:
         raise UnknownModelError(f"rh_trl does not load '{entry.pattern}'")
@@ -503,7 +487,7 @@ def resolve(model: Any, *, family: str | None = None, **options: Any) -> Resolut
                 f"load('drsow') needs strong=… and weak=… (two causal LMs: paths, hub ids, or server URLs with "
                 f"engine='openai'); missing: {missing}"
             )
-        return Resolution(DrSow, _resolve_tiny_options(options), "drsow", "the name 'drsow'")
+        return Resolution(DrSow, resolve_tiny(options), "drsow", "the name 'drsow'")
 
     saved_embedding_rm = isinstance(model, str | os.PathLike) and os.path.isfile(
         os.path.join(model, EMBEDDING_CONFIG)
@@ -514,8 +498,8 @@ def resolve(model: Any, *, family: str | None = None, **options: Any) -> Resolut
         )
 
     if isinstance(model, str) and model.startswith(TINY_PREFIX):
-        model, tokenizer = _tiny(model)
-        options.setdefault("tokenizer", tokenizer)
+        options = resolve_tiny({**options, "model": model})
+        model = options.pop("model")
     entry, by_id = None, True
     if isinstance(model, str | os.PathLike):
         source = os.fspath(model)

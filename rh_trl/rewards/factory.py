@@ -61,7 +61,9 @@ def import_target(target: str, what: str = "the reward") -> Any:
     return getattr(module, attribute)
 
 
-def _resolve_tiny(options: dict[str, Any]) -> dict[str, Any]:
+def resolve_tiny(options: dict[str, Any]) -> dict[str, Any]:
+    """A copy of ``options`` where a ``"rh_trl:tiny-…"`` model argument (``model``, ``strong``, ``weak``) is the
+    tiny model itself, and its tokenizer argument defaults to the tiny model's tokenizer."""
     options = dict(options)
     for model_arg, tokenizer_arg in MODEL_ARGUMENTS.items():
         value = options.get(model_arg)
@@ -83,7 +85,7 @@ def build_reward(spec: Mapping[str, Any]) -> Reward:
     options = {k: v for k, v in spec.items() if k not in ("type", "weight")}
     cls = reward_class(str(spec["type"]))
     try:
-        return cls(**_resolve_tiny(options))
+        return cls(**resolve_tiny(options))
     except TypeError as err:
         raise TypeError(f"reward spec {dict(spec)!r}: {err}") from err
 
