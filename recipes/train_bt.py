@@ -26,12 +26,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch
 from datasets import Dataset
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, set_seed
+from transformers.integrations import is_deepspeed_zero3_enabled
 from trl import ModelConfig, RewardConfig, RewardTrainer, TrlParser, get_peft_config
 
 import rh_trl
 from rh_trl.evaluation import accuracy_report, score_pairs, shorter_reply
 from rh_trl.formatting import ChatFormatter
-from rh_trl.preference_data import FORMATS, load_pairs, split_pairs, tokenize_pairs
+from rh_trl.preference_data import FORMATS, load_pairs, tokenize_pairs, training_and_held_out
 
 logger = logging.getLogger("rh_trl.train_bt")
 
@@ -100,16 +101,14 @@ def load_data(bt_args: BTArguments, seed: int) -> tuple[list[dict], list[dict]]:
         pairs = load_pairs(
             bt_args.dataset_path, bt_args.dataset_format, skip_invalid=bt_args.skip_invalid_pairs
         )
-    if bt_args.eval_path:
-        train, held_out = (
-            pairs,
-            load_pairs(bt_args.eval_path, bt_args.dataset_format, skip_invalid=bt_args.skip_invalid_pairs),
-        )
-    else:
-        train, held_out = split_pairs(pairs, bt_args.eval_fraction, seed)
-    if bt_args.max_pairs is not None:
-        train = train[: bt_args.max_pairs]
-    return train, held_out
+    held_out = (
+        load_pairs(bt_args.eval_path, bt_args.dataset_format, skip_invalid=bt_args.skip_invalid_pairs)
+        if bt_args.eval_path
+        else None
+    )
+    return training_and_held_out(
+        pairs, held_out, eval_fraction=bt_args.eval_fraction, seed=seed, max_pairs=bt_args.max_pairs
+    )
 
 
 def reward_statistics(reward: rh_trl.ORM, pairs: list[dict]) -> tuple[float, float]:
@@ -163,7 +162,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if eval_pairs:
         summary["eval_pairs"] = len(eval_pairs)
         summary["eval_accuracy_shorter_reply"] = held_out_accuracy(shorter_reply, eval_pairs)
-        if bt_args.eval_before_training:
+        if bt_args.eval_before_training and is_deepspeed_zero3_enabled():
+            # the weights are partitioned across processes until the DeepSpeed engine wraps the model
+            logger.info("eval_before_training is skipped under DeepSpeed ZeRO-3")
+        elif bt_args.eval_before_training:
             untrained = scoring_reward(model, tokenizer, formatter, bt_args, training_args.device)
             summary["eval_accuracy_before_training"] = held_out_accuracy(untrained, eval_pairs)
 

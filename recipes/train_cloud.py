@@ -90,9 +90,9 @@ from rh_trl.preference_data import (
     PreferenceDataError,
     detect_format,
     read_records,
-    split_pairs,
     to_pair,
     tokenize_pairs,
+    training_and_held_out,
 )
 from rh_trl.rewards.cloud import CLOUD_PREAMBLE, CLoud, CLoudModel, CritiqueLayout
 from rh_trl.rewards.factory import TINY_PREFIX
@@ -924,21 +924,14 @@ def load_data(args: CLoudArguments, require_critiques: bool, seed: int) -> tuple
     pairs = read_critique_pairs(
         args.dataset_path, args.dataset_format, columns, require_critiques, args.skip_invalid_pairs
     )
-    if args.eval_path:
-        train = pairs
-        held_out = read_critique_pairs(
-            args.eval_path, args.dataset_format, columns, False, args.skip_invalid_pairs
-        )
-    else:
-        train, held_out = split_pairs(pairs, args.eval_fraction, seed)
-    if args.max_pairs is not None:
-        train = train[: args.max_pairs]
-    if not train:
-        raise PreferenceDataError(
-            f"no training pairs: {len(pairs)} pairs read, eval_fraction={args.eval_fraction}, "
-            f"max_pairs={args.max_pairs}"
-        )
-    return train, held_out
+    held_out = (
+        read_critique_pairs(args.eval_path, args.dataset_format, columns, False, args.skip_invalid_pairs)
+        if args.eval_path
+        else None
+    )
+    return training_and_held_out(
+        pairs, held_out, eval_fraction=args.eval_fraction, seed=seed, max_pairs=args.max_pairs
+    )
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

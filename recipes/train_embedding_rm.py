@@ -33,7 +33,7 @@ from trl import TrlParser
 from rh_trl.embedding_heads import HeadTraining, ensemble_scores, pair_accuracy, train_heads
 from rh_trl.embeddings import TextEncoder, default_cache_dir
 from rh_trl.evaluation import accuracy_report, score_pairs, shorter_reply
-from rh_trl.preference_data import FORMATS, load_pairs, split_pairs
+from rh_trl.preference_data import FORMATS, PreferenceDataError, load_pairs, split_pairs
 from rh_trl.rewards.embedding import EmbeddingRM
 
 logger = logging.getLogger("rh_trl.train_embedding_rm")
@@ -155,6 +155,11 @@ def load_data(args: EmbeddingRMArguments) -> tuple[list[dict], list[dict], list[
         train, validation = split_pairs(train, args.validation_fraction, args.seed)
     if args.max_pairs is not None:
         train = train[: args.max_pairs]
+    if not train:
+        raise PreferenceDataError(
+            f"no training pairs: {len(pairs)} pairs read, eval_fraction={args.eval_fraction}, "
+            f"validation_fraction={args.validation_fraction}, max_pairs={args.max_pairs}"
+        )
     return train, validation, held_out
 
 

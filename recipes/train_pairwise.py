@@ -41,7 +41,7 @@ from trl import ModelConfig, SFTConfig, SFTTrainer, TrlParser, get_peft_config
 import rh_trl
 from rh_trl.evaluation import accuracy_report, score_pairs, shorter_reply
 from rh_trl.loading import prepare_chat_training
-from rh_trl.preference_data import FORMATS, PreferenceDataError, load_pairs, split_pairs
+from rh_trl.preference_data import FORMATS, PreferenceDataError, load_pairs, training_and_held_out
 from rh_trl.rewards.factory import TINY_PREFIX
 from rh_trl.rewards.pairwise import (
     ANSWERS,
@@ -257,19 +257,14 @@ def load_data(args: PairwiseArguments, seed: int) -> tuple[list[dict], list[dict
         pairs = load_pairs(synthetic_preferences(96, seed))
     else:
         pairs = load_pairs(args.dataset_path, args.dataset_format, skip_invalid=args.skip_invalid_pairs)
-    if args.eval_path:
-        held_out = load_pairs(args.eval_path, args.dataset_format, skip_invalid=args.skip_invalid_pairs)
-        train = pairs
-    else:
-        train, held_out = split_pairs(pairs, args.eval_fraction, seed)
-    if args.max_pairs is not None:
-        train = train[: args.max_pairs]
-    if not train:
-        raise PreferenceDataError(
-            f"no training pairs: {len(pairs)} pairs read, eval_fraction={args.eval_fraction}, "
-            f"max_pairs={args.max_pairs}"
-        )
-    return train, held_out
+    held_out = (
+        load_pairs(args.eval_path, args.dataset_format, skip_invalid=args.skip_invalid_pairs)
+        if args.eval_path
+        else None
+    )
+    return training_and_held_out(
+        pairs, held_out, eval_fraction=args.eval_fraction, seed=seed, max_pairs=args.max_pairs
+    )
 
 
 def held_out_report(pm: rh_trl.PairwisePM, pairs: Sequence[dict[str, Any]]) -> dict[str, Any]:

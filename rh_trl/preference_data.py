@@ -194,6 +194,30 @@ def split_pairs(pairs: Sequence[dict[str, Any]], eval_fraction: float, seed: int
     return [pairs[i] for i in order[n_eval:]], [pairs[i] for i in order[:n_eval]]
 
 
+def training_and_held_out(
+    pairs: Sequence[dict[str, Any]],
+    held_out: Sequence[dict[str, Any]] | None,
+    *,
+    eval_fraction: float,
+    seed: int = 0,
+    max_pairs: int | None = None,
+) -> tuple[list, list]:
+    """(train, held-out): ``held_out`` when given (a separate file) with every pair for training, else a
+    :func:`split_pairs` split; training cut to ``max_pairs``. A :class:`PreferenceDataError` when no training pair
+    is left."""
+    if held_out is not None:
+        train, held_out = list(pairs), list(held_out)
+    else:
+        train, held_out = split_pairs(pairs, eval_fraction, seed)
+    if max_pairs is not None:
+        train = train[:max_pairs]
+    if not train:
+        raise PreferenceDataError(
+            f"no training pairs: {len(pairs)} pairs read, eval_fraction={eval_fraction}, max_pairs={max_pairs}"
+        )
+    return train, held_out
+
+
 # -- tokenization -----------------------------------------------------------------------------------------------------
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -15,6 +16,7 @@ from rh_trl import RewardInputError
 from rh_trl.embedding_heads import EmbeddingHead, HeadTraining, pair_loss, train_heads
 from rh_trl.embeddings import EmbeddingCache, TextEncoder, resolve_source
 from rh_trl.formatting import to_sample
+from rh_trl.preference_data import PreferenceDataError
 from rh_trl.rewards.embedding import EmbeddingRM, load_embedding_rm
 from rh_trl.testing import tiny_causal_lm
 
@@ -306,6 +308,8 @@ def test_recipe_end_to_end_then_load_and_score(tmp_path, monkeypatch):
     # the saved reward scores the held-out pairs with the accuracy the recipe reported
     args = train_embedding_rm.EmbeddingRMArguments(dataset_path="rh_trl:synthetic", eval_fraction=0.25)
     held_out = train_embedding_rm.load_data(args)[2]
+    with pytest.raises(PreferenceDataError, match="no training pairs: 96 pairs read.*max_pairs=0"):
+        train_embedding_rm.load_data(dataclasses.replace(args, max_pairs=0))
     reward = EmbeddingRM.from_pretrained(tmp_path / "rm", device="cpu")
     prompts = [p["prompt"] for p in held_out]
     chosen = reward(prompts, [p["chosen"] for p in held_out])
