@@ -30,7 +30,7 @@ from transformers.integrations import is_deepspeed_zero3_enabled
 from trl import ModelConfig, RewardConfig, RewardTrainer, TrlParser, get_peft_config
 
 import rh_trl
-from rh_trl.evaluation import accuracy_report, score_pairs, shorter_reply
+from rh_trl.evaluation import reward_accuracy, score_pairs, shorter_reply
 from rh_trl.formatting import ChatFormatter
 from rh_trl.preference_data import FORMATS, load_pairs, tokenize_pairs, training_and_held_out
 
@@ -117,11 +117,6 @@ def reward_statistics(reward: rh_trl.ORM, pairs: list[dict]) -> tuple[float, flo
     return statistics.fmean(values), statistics.pstdev(values) or 1.0
 
 
-def held_out_accuracy(reward: Any, pairs: list[dict]) -> float:
-    chosen, rejected = score_pairs(reward, pairs, progress=False)
-    return accuracy_report(pairs, chosen, rejected)["accuracy"]
-
-
 def scoring_reward(model: Any, tokenizer: Any, formatter: ChatFormatter, bt_args: BTArguments, device: Any):
     """The model as ``rh_trl.ORM`` scores it after saving, without normalization."""
     return rh_trl.ORM(
@@ -161,13 +156,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     if eval_pairs:
         summary["eval_pairs"] = len(eval_pairs)
-        summary["eval_accuracy_shorter_reply"] = held_out_accuracy(shorter_reply, eval_pairs)
+        summary["eval_accuracy_shorter_reply"] = reward_accuracy(shorter_reply, eval_pairs)
         if bt_args.eval_before_training and is_deepspeed_zero3_enabled():
             # the weights are partitioned across processes until the DeepSpeed engine wraps the model
             logger.info("eval_before_training is skipped under DeepSpeed ZeRO-3")
         elif bt_args.eval_before_training:
             untrained = scoring_reward(model, tokenizer, formatter, bt_args, training_args.device)
-            summary["eval_accuracy_before_training"] = held_out_accuracy(untrained, eval_pairs)
+            summary["eval_accuracy_before_training"] = reward_accuracy(untrained, eval_pairs)
 
     trainer = RewardTrainer(
         model=model,
@@ -190,7 +185,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     summary["reward_mean"], summary["reward_std"] = mean, std
     if eval_pairs:
-        summary["eval_accuracy"] = held_out_accuracy(reward, eval_pairs)
+        summary["eval_accuracy"] = reward_accuracy(reward, eval_pairs)
         print(f"held-out accuracy on {len(eval_pairs)} pairs: trained {summary['eval_accuracy']:.4f}", end="")
         if "eval_accuracy_before_training" in summary:
             print(f", before training {summary['eval_accuracy_before_training']:.4f}", end="")

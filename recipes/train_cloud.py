@@ -82,7 +82,7 @@ from transformers.utils import ModelOutput
 from trl import ModelConfig, RewardConfig, RewardTrainer, SFTConfig, SFTTrainer, TrlParser
 
 import rh_trl
-from rh_trl.evaluation import accuracy_report, score_pairs, shorter_reply
+from rh_trl.evaluation import accuracy_report, reward_accuracy, score_pairs, shorter_reply
 from rh_trl.formatting import ChatFormatter, to_sample
 from rh_trl.loading import padding_id, prepare_chat_training, resolve_dtype
 from rh_trl.preference_data import (
@@ -885,10 +885,10 @@ def evaluate_classic(
             dtype=model_args.dtype or "auto",
             normalize=False,
         )
-    chosen, rejected = score_pairs(reward, pairs, progress=False)
+    accuracy = reward_accuracy(reward, pairs)
     del reward
     _free_memory()
-    return accuracy_report(pairs, chosen, rejected)["accuracy"]
+    return accuracy
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -974,8 +974,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "eval_pairs": len(eval_pairs),
     }
     if eval_pairs:
-        chosen, rejected = score_pairs(shorter_reply, eval_pairs, progress=False)
-        summary["eval_accuracy_shorter_reply"] = accuracy_report(eval_pairs, chosen, rejected)["accuracy"]
+        summary["eval_accuracy_shorter_reply"] = reward_accuracy(shorter_reply, eval_pairs)
     device = training_args.device
     state = PartialState()
 

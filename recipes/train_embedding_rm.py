@@ -32,7 +32,7 @@ from trl import TrlParser
 
 from rh_trl.embedding_heads import HeadTraining, ensemble_scores, pair_accuracy, train_heads
 from rh_trl.embeddings import TextEncoder, default_cache_dir
-from rh_trl.evaluation import accuracy_report, score_pairs, shorter_reply
+from rh_trl.evaluation import reward_accuracy, shorter_reply
 from rh_trl.preference_data import FORMATS, PreferenceDataError, load_pairs, split_pairs
 from rh_trl.rewards.embedding import EmbeddingRM
 
@@ -191,7 +191,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     trained = train_heads(*vectors["train"], settings)
     print(f"training: {settings.num_heads} head(s), {settings.loss} loss, {trained.seconds:.1f} s")
 
-    train_scores = ensemble_scores(trained.heads, torch.cat(vectors["train"])).mean(0)
+    # every head's scores of each split's chosen then rejected vectors: [num_heads, 2 × pairs]
+    per_head = {split: ensemble_scores(trained.heads, torch.cat(pair)) for split, pair in vectors.items()}
+    train_scores = per_head["train"].mean(0)
     mean, std = float(train_scores.mean()), float(train_scores.std(unbiased=False)) or 1.0
     reward = EmbeddingRM(encoder, trained.heads, normalization=(mean, std), name="embedding_rm")
 
@@ -211,18 +213,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "reward_mean": mean,
         "reward_std": std,
     }
-    for split, (chosen, rejected) in vectors.items():
-        per_head = ensemble_scores(trained.heads, torch.cat([chosen, rejected]))
-        n = chosen.shape[0]
-        summary[f"{split}_accuracy_per_head"] = [pair_accuracy(s[:n], s[n:]) for s in per_head]
-        summary[f"{split}_accuracy_from_vectors"] = pair_accuracy(per_head.mean(0)[:n], per_head.mean(0)[n:])
+    for split, scores in per_head.items():
+        n = vectors[split][0].shape[0]
+        mean_scores = scores.mean(0)
+        summary[f"{split}_accuracy_per_head"] = [pair_accuracy(s[:n], s[n:]) for s in scores]
+        summary[f"{split}_accuracy_from_vectors"] = pair_accuracy(mean_scores[:n], mean_scores[n:])
     if held_out:
         start = time.perf_counter()
-        chosen_scores, rejected_scores = score_pairs(reward, held_out, progress=False)
-        summary["eval_accuracy"] = accuracy_report(held_out, chosen_scores, rejected_scores)["accuracy"]
+        summary["eval_accuracy"] = reward_accuracy(reward, held_out)
         summary["eval_scoring_seconds"] = time.perf_counter() - start
-        baseline = score_pairs(shorter_reply, held_out, progress=False)
-        summary["eval_accuracy_shorter_reply"] = accuracy_report(held_out, *baseline)["accuracy"]
+        summary["eval_accuracy_shorter_reply"] = reward_accuracy(shorter_reply, held_out)
         print(
             f"held-out accuracy on {len(held_out)} pairs: {summary['eval_accuracy']:.4f} "
             f"(heads: {', '.join(f'{a:.4f}' for a in summary['held_out_accuracy_per_head'])}); "

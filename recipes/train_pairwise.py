@@ -39,7 +39,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
 from trl import ModelConfig, SFTConfig, SFTTrainer, TrlParser, get_peft_config
 
 import rh_trl
-from rh_trl.evaluation import accuracy_report, score_pairs, shorter_reply
+from rh_trl.evaluation import accuracy_report, reward_accuracy, shorter_reply
 from rh_trl.loading import prepare_chat_training
 from rh_trl.preference_data import FORMATS, PreferenceDataError, load_pairs, training_and_held_out
 from rh_trl.rewards.factory import TINY_PREFIX
@@ -283,11 +283,6 @@ def held_out_report(pm: rh_trl.PairwisePM, pairs: Sequence[dict[str, Any]]) -> d
     }
 
 
-def shorter_reply_accuracy(pairs: Sequence[dict[str, Any]]) -> float | None:
-    chosen, rejected = score_pairs(shorter_reply, pairs, progress=False)
-    return accuracy_report(pairs, chosen, rejected)["accuracy"]
-
-
 def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.4f}"
 
@@ -357,7 +352,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         )
     if eval_pairs:
         summary["eval_pairs"] = len(eval_pairs)
-        summary["eval_accuracy_shorter_reply"] = shorter_reply_accuracy(eval_pairs)
+        summary["eval_accuracy_shorter_reply"] = reward_accuracy(shorter_reply, eval_pairs)
         if args.eval_before_training:
             untrained = rh_trl.PairwisePM(
                 model, tokenizer, max_length=args.eval_max_length, dtype=None, device=training_args.device

@@ -81,6 +81,14 @@ def accuracy_report(
     return report
 
 
+def reward_accuracy(
+    reward: RewardFn, pairs: Sequence[dict[str, Any]], progress: bool = False
+) -> float | None:
+    """The share of ``pairs`` whose chosen response ``reward`` scores higher (:func:`accuracy_report`'s
+    ``accuracy``: ties count one half, pairs with a ``None`` score are left out; ``None`` when none is left)."""
+    return accuracy_report(pairs, *score_pairs(reward, pairs, progress=progress))["accuracy"]
+
+
 def plot_margins(margins: Sequence[float], path: str, title: str) -> bool:
     """A histogram of chosen − rejected margins; False (and nothing written) when matplotlib is missing."""
     try:
