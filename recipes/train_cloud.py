@@ -526,8 +526,10 @@ class CLoudJointTrainer(Trainer):
             "margin": margin.mean(),
         }
         mode = "train" if model.training else "eval"
-        for key, value in values.items():
-            self._metrics[mode][key].append(self.accelerator.gather(value.reshape(1)).mean().item())
+        stacked = torch.stack([value.reshape(()) for value in values.values()])
+        means = self.accelerator.gather(stacked[None]).mean(0).tolist()  # one collective, one sync
+        for key, mean in zip(values, means, strict=True):
+            self._metrics[mode][key].append(mean)
         return (loss, outputs) if return_outputs else loss
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
