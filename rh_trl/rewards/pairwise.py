@@ -11,8 +11,9 @@ position bias cancels: ``p = (p_AB + 1 - p_BA) / 2`` (swapping A and B gives exa
 The context is the prompt conversation flattened as these models were trained on: ``"\\n"``, then one
 ``"\\n\\n<turn> {role}\\n {content}"`` block per message, then ``"\\n\\n\\n"``.
 
-As a GRPO reward each completion gets its mean win probability against the other completions of its group,
-or, when the dataset has a reference column, its win probability against that reference.
+Each completion is scored against the other completions of its prompt, wherever they sit in the call
+(:func:`~rh_trl.grouping.prompt_groups`: GRPO's groups, online DPO's two completions per prompt) and gets its mean
+win probability; or, when the dataset has a reference column, its win probability against that reference.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from typing import Any
 import torch
 
 from rh_trl.engines.hf import HFEngine
-from rh_trl.formatting import RewardInputError, Sample, message_text, to_sample
+from rh_trl.formatting import RewardInputError, message_text, to_sample
+from rh_trl.grouping import prompt_groups
 from rh_trl.loading import load_model, load_tokenizer, padding_id
 from rh_trl.rewards.base import Batch, Reward, RewardOutput
 
@@ -68,45 +70,12 @@ class Opponents:
     references: list[Any] | None = None
 
 
-def infer_groups(samples: Sequence[Sample | None], group_size: int | None) -> list[list[int]]:
-    """Split a batch into GRPO groups: ``group_size`` consecutive samples, or runs of identical prompts.
-
-    TRL lays a group out as ``num_generations`` consecutive rows with the same prompt. With an explicit
-    ``group_size`` every group must share one prompt; without one, each run of consecutive identical prompts is a
-    group. Unreadable samples (``None``) are left out of their group.
-    """
-    n = len(samples)
-    keys = [repr(s.prompt) if s is not None else None for s in samples]
-    if group_size is not None:
-        if group_size < 1 or n % group_size:
-            raise RewardInputError(
-                f"group_size={group_size} does not divide the batch of {n} completions; expected the batch "
-                "to hold whole groups of group_size consecutive completions of one prompt (TRL's "
-                "num_generations)"
-            )
-        groups = [list(range(k, k + group_size)) for k in range(0, n, group_size)]
-        for g, members in enumerate(groups):
-            prompts = {keys[i] for i in members if keys[i] is not None}
-            if len(prompts) > 1:
-                raise RewardInputError(
-                    f"group {g} (completions {members[0]}..{members[-1]}) mixes different prompts; with "
-                    f"group_size={group_size} each run of {group_size} consecutive completions must share "
-                    "one prompt"
-                )
-    else:
-        groups, start = [], 0
-        for i in range(1, n + 1):
-            if i == n or keys[i] != keys[start] or keys[i] is None:
-                groups.append(list(range(start, i)))
-                start = i
-    return [[i for i in g if samples[i] is not None] for g in groups]
-
-
 def find_opponents(
     batch: Batch, group_size: int | None, reference_column: str | None, name: str
 ) -> Opponents:
     """The comparisons for a batch: against ``batch.columns[reference_column]`` when the call has that column,
-    else within groups (see :func:`infer_groups`)."""
+    else among the completions of the same prompt (:func:`~rh_trl.grouping.prompt_groups`; ``group_size``
+    switches to consecutive runs)."""
     if reference_column is not None and batch.columns.get(reference_column) is not None:
         refs = list(batch.columns[reference_column])
         if len(refs) != len(batch):
@@ -116,7 +85,8 @@ def find_opponents(
             )
         return Opponents(references=refs)
     try:
-        return Opponents(groups=infer_groups(batch.samples, group_size))
+        prompts = [None if s is None else s.prompt for s in batch.samples]
+        return Opponents(groups=prompt_groups(prompts, group_size))
     except RewardInputError as err:
         raise RewardInputError(f"{name}: {err}") from None
 
@@ -230,8 +200,9 @@ class PairwisePM(Reward):
         tokenizer: its tokenizer (object or path); by default loaded from ``model``. ``"A"`` and ``"B"`` must
             each be one token.
         name: metric name (default ``pairpm_<model name>``, made unique).
-        group_size: completions per prompt in a GRPO batch (TRL's ``num_generations``); by default each run of
-            consecutive identical prompts is a group.
+        group_size: by default a completion's opponents are the other completions of the same prompt wherever
+            they sit (GRPO's groups, online DPO's pairs); ``group_size`` (TRL's ``num_generations``) uses
+            consecutive runs of that many completions instead, each run of one prompt.
         reference_column: a dataset column with a reference response per row; when a call has it, each
             completion is scored by its win probability against its reference instead of its group.
         temperature: divides the two logits before the softmax.
@@ -412,8 +383,8 @@ class PairwisePM(Reward):
         rewards, alone = group_win_rates(groups, prob, n)
         if alone:
             logger.warning(
-                "%s: %d completion(s) have no opponent in their group and get no reward; pass group_size= "
-                "(TRL's num_generations) or give the dataset a '%s' column",
+                "%s: %d completion(s) get no reward: no other completion of their prompt in this call, or none "
+                "of their comparisons scored; a '%s' column compares each completion with a reference",
                 self.__name__,
                 alone,
                 self.reference_column,
