@@ -1,5 +1,5 @@
 """PairwisePM against probabilities computed here from the model's full logits: group win rates, online DPO's
-pairs (with a real OnlineDPOTrainer run) and GRPO."""
+pairs (with a real OnlineDPOTrainer run), GRPO, and RLHFlow's published inference code token for token."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from rh_trl.formatting import RewardInputError
 from rh_trl.rewards.pairwise import PairwisePM
 from rh_trl.testing import bpe_tokenizer, tiny_causal_lm
 
+from .rlhflow_card import card_ids, llama3_tokenizer
 from .trainer_runs import COMMON, prompt_dataset, train_grpo
 
 TOL = 1e-5
@@ -237,3 +238,58 @@ def test_online_dpo_run_rewards_are_win_probabilities_within_each_prompt(tmp_pat
     for prompts, _, rewards, stats in mixed.calls:
         assert per_prompt_zero_spread(prompts, rewards) == 0.5  # prompts 0 and 1 flat, 2 and 3 not
         assert stats["frac_zero_spread_groups"] == 0.5
+
+
+# -- RLHFlow's published inference code, token for token -------------------------------------------------------
+
+CARD_CONTEXTS = [
+    [{"role": "user", "content": "Describe trains."}],
+    [
+        {"role": "user", "content": "Describe trains."},
+        {"role": "assistant", "content": "Fast."},
+        {"role": "user", "content": "And the moon?"},
+    ],
+    [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Describe trains."},
+        {"role": "assistant", "content": "Fast.\n\nAnd loud."},
+        {"role": "user", "content": "  And the moon? "},
+    ],
+]
+
+
+@pytest.fixture(scope="module")
+def llama3_tok():
+    return llama3_tokenizer()
+
+
+@torch.no_grad()
+def card_p_both(lm, tok, instruction, a: str, b: str) -> float:
+    """The card's probability that ``a`` is better: both orders, softmax over the A/B logits at the end."""
+    a_id, b_id = tok.encode("A", add_special_tokens=False)[0], tok.encode("B", add_special_tokens=False)[0]
+    probs = []
+    for first, second in ((a, b), (b, a)):
+        logits = lm(torch.tensor([card_ids(tok, instruction, first, second)])).logits[0, -1]
+        probs.append(math.exp(logits[a_id]) / (math.exp(logits[a_id]) + math.exp(logits[b_id])))
+    return (probs[0] + 1 - probs[1]) / 2
+
+
+def test_rlhflow_layout_reproduces_the_card_token_for_token(llama3_tok):
+    lm = tiny_causal_lm(llama3_tok, seed=12).eval()
+    with torch.no_grad():
+        lm.lm_head.weight.normal_(0.0, 0.5)
+    card_pm = PairwisePM(lm, llama3_tok, layout="rlhflow")
+    own_pm = PairwisePM(lm, llama3_tok)
+    for context in CARD_CONTEXTS:
+        for a, b in (("Bright at night.", "A moon."), ("No.", "It <|begin_of_text|>orbits.")):
+            want = card_ids(llama3_tok, context, a, b)
+            assert card_pm.encode(context, a, b) == want
+            assert own_pm.encode(context, a, b) != want  # rh_trl's own layout is another one
+        p = card_pm.compare(context, "Bright at night.", "A moon.")
+        assert abs(p - card_p_both(lm, llama3_tok, context, "Bright at night.", "A moon.")) <= TOL
+    # a string prompt is the card's single user turn
+    assert card_pm.encode("Describe trains.", "x", "y") == card_ids(llama3_tok, CARD_CONTEXTS[0], "x", "y")
+    with pytest.raises(
+        ValueError, match=r"unknown pairwise layout 'card'; expected one of \['rh_trl', 'rlhflow'\]"
+    ):
+        PairwisePM(lm, llama3_tok, layout="card")
