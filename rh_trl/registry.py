@@ -182,7 +182,7 @@ register_model("Qwen/Qwen2.5-Math-PRM-*", PRM, kind="separator")
 register_model("Qwen/Qwen2.5-Math-7B-PRM800K", PRM, kind="separator")
 register_model("RLHFlow/Llama3.1-8B-PRM-*", PRM, kind="next_token")
 register_model("peiyi9979/math-shepherd-mistral-7b-prm", PRM, kind="step_tag")
-register_model("RLHFlow/pair-preference-model-*", PairwisePM)
+register_model("RLHFlow/pair-preference-model-*", PairwisePM, layout="rlhflow")  # its card's inference code
 _register_unsupported(
     "Nexusflow/Starling-RM-*",
     "its reward head lives in a standalone script (a causal LM plus a value head), with no from_pretrained class "

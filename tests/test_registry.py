@@ -26,7 +26,10 @@ from rh_trl.registry import (
     register_model,
     resolve,
 )
+from rh_trl.rewards.pairwise import LAYOUTS
 from rh_trl.testing import bpe_tokenizer, tiny_causal_lm, tiny_llama_config, tiny_reward_model
+
+from .rlhflow_card import card_ids, llama3_tokenizer
 
 TOL = 1e-5
 SEP = "<extra_0>"
@@ -438,13 +441,20 @@ def test_math_shepherd_by_hub_id_is_step_tag_prm(hub_cache):
     assert all(0 < x < 1 for s in prm.score_steps(PROMPTS, COMPLETIONS) for x in s)
 
 
-def test_pair_preference_model_by_hub_id_is_pairwise(hub_cache, llama_tok):
+def test_pair_preference_model_by_hub_id_is_pairwise_with_its_cards_layout(hub_cache):
     repo = "RLHFlow/pair-preference-model-LLaMA3-8B"
-    save(tiny_causal_lm(llama_tok, seed=5, **SMALL), llama_tok, snapshot_dir(hub_cache, repo))
+    tok = llama3_tokenizer()
+    snapshot = save(tiny_causal_lm(tok, seed=5, **SMALL), tok, snapshot_dir(hub_cache, repo))
     pm = load(repo, group_size=2)
     assert type(pm) is PairwisePM and pm.group_size == 2  # the caller's options reach the class
+    assert pm.layout == LAYOUTS["rlhflow"]
+    assert pm.encode(PROMPTS[1], "Fast.", "Loud.") == card_ids(tok, PROMPTS[1], "Fast.", "Loud.")
     p = pm.compare(PROMPTS[0], "The moon is bright.", "Cheese.")
     assert 0 < p < 1 and abs(pm.compare(PROMPTS[0], "Cheese.", "The moon is bright.") - (1 - p)) <= 1e-6
+    assert lookup("RLHFlow/pair-preference-model-Gemma-2B").options == {"layout": "rlhflow"}  # siblings too
+    assert load(repo, layout="rh_trl").layout == LAYOUTS["rh_trl"]  # and the caller can choose
+    for source in (repo, str(snapshot)):  # built directly, the class asks the registry for the layout too
+        assert PairwisePM(source).layout == LAYOUTS["rlhflow"]
 
 
 # -- CLoud -----------------------------------------------------------------------------------------------------------
