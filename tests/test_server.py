@@ -112,9 +112,10 @@ def server(rm_minilm, minilm_tok, rm_chatml, chatml_tok):
             "target": "unused:unused",
             "max_wait_ms": 20,
             "strip_suffixes": ["<|im_end|>"],
+            "failure_score": -100.0,
         },
     ]
-    with ThreadServer(server_config(rewards=specs), rewards) as srv:
+    with ThreadServer(server_config(rewards=specs, get_reward_default="chatml"), rewards) as srv:
         yield srv
 
 
