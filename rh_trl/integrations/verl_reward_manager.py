@@ -14,9 +14,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from collections.abc import Mapping
 from typing import Any
 
+from omegaconf import OmegaConf
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from verl.experimental.reward_loop.reward_manager.base import RewardManagerBase
 
@@ -47,21 +47,14 @@ class VerlRewardSettings(BaseModel):
     @classmethod
     def from_config(cls, config: Any) -> VerlRewardSettings:
         """Read and validate ``config.reward.reward_kwargs`` (an OmegaConf config or a mapping)."""
-        reward_config = (
-            config.get("reward") if isinstance(config, Mapping) or hasattr(config, "get") else None
-        )
-        kwargs = reward_config.get("reward_kwargs") if reward_config is not None else None
+        kwargs = (config.get("reward") or {}).get("reward_kwargs")
         if kwargs is None:
             raise ValueError(
                 "RhTrlRewardManager needs reward.reward_kwargs in verl's config, e.g. "
                 "{reward: {type: remote, urls: 'http://127.0.0.1:8000', model: tiny}, failure_score: 0.0}"
             )
-        try:
-            from omegaconf import OmegaConf
-
-            kwargs = OmegaConf.to_container(kwargs, resolve=True) if OmegaConf.is_config(kwargs) else kwargs
-        except ImportError:  # verl always has omegaconf; a plain mapping works without it
-            pass
+        if OmegaConf.is_config(kwargs):
+            kwargs = OmegaConf.to_container(kwargs, resolve=True)
         try:
             return cls.model_validate(dict(kwargs))
         except ValidationError as err:
