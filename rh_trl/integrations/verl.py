@@ -106,7 +106,7 @@ def _prompt(extra_info: Any, prompt_key: str | None) -> Any:
     return list(value) if not isinstance(value, str) else value
 
 
-def plain_value(value: Any) -> Any:
+def _plain(value: Any) -> Any:
     """A JSON-friendly copy of a value from verl's non-tensor batch (numpy values become Python ones)."""
     if hasattr(value, "tolist"):
         value = value.tolist()
@@ -115,7 +115,7 @@ def plain_value(value: Any) -> Any:
 
 def sample_columns(data_source: Any, ground_truth: Any) -> dict[str, list[Any]]:
     """One sample's ``data_source`` and ``ground_truth`` as the columns sent with it."""
-    return {"data_source": [plain_value(data_source)], "ground_truth": [plain_value(ground_truth)]}
+    return {"data_source": [_plain(data_source)], "ground_truth": [_plain(ground_truth)]}
 
 
 def _result(value: float | None, rm: RemoteRM, failure_score: float | str | None) -> float:

@@ -3,7 +3,7 @@
 Routes:
     POST /v1/rewards   {"model", "prompts", "completions", <columns>…} -> {"model", "rewards", "num_none", ["extra"]}
     POST /get_reward   OpenRLHF's remote reward protocol: {"query", "prompts", "labels"} ->
-                       {"rewards", "scores", "extra_logs"}
+                       {"rewards", "scores", "extra_logs"}; only rewards with a failure_score, never null
     GET  /health       liveness (no key needed)
     GET  /v1/models    the hosted rewards and their batching settings
     GET  /metrics      requests, batch sizes, queue depth and latency per reward (JSON)
@@ -238,7 +238,7 @@ class RewardServer:
 
     def pick_get_reward(self, model: str | None) -> str:
         """The reward a ``/get_reward`` request is scored with: ``model``, else the configured default (or the
-        only hosted reward). It must have a ``failure_score``: OpenRLHF cannot take a missing reward."""
+        only served reward). It must have a ``failure_score``: OpenRLHF cannot take a missing reward."""
         served = self.get_reward_served
         why = "OpenRLHF cannot take a missing reward, so a reward is served there only with failure_score"
         if not served:
