@@ -18,10 +18,10 @@ def _quickstart(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     from rh_trl.serve.config import load_config
 
-    config = load_config(args.config, host=args.host, port=args.port, api_key=args.api_key)
     try:
+        config = load_config(args.config, host=args.host, port=args.port, api_key=args.api_key)
         config.check_exposure()
-    except ValueError as err:
+    except (ValueError, FileNotFoundError) as err:
         print(f"rh-trl serve: {err}", file=sys.stderr)
         return 2
     from rh_trl.serve.app import serve
