@@ -28,6 +28,7 @@ from rh_trl.registry import (
 )
 from rh_trl.rewards.pairwise import LAYOUTS
 from rh_trl.testing import bpe_tokenizer, tiny_causal_lm, tiny_llama_config, tiny_reward_model
+from tests.checkpoint_code import QWEN_PRM_MODEL_CODE, QWEN_RM_CONFIG_CODE
 
 from .rlhflow_card import card_ids, llama3_tokenizer
 
@@ -295,45 +296,6 @@ def test_internlm2_reward_is_orm_with_its_adapter(tmp_path):
 
 
 # -- Qwen/Qwen2.5-Math-PRM-7B: custom code (AutoModel), "<extra_0>" separator --------------------------------------
-
-QWEN_RM_CONFIG_CODE = """
-from transformers import Qwen2Config
-
-
-class Qwen2RMConfig(Qwen2Config):
-    model_type = "qwen2"
-"""
-
-QWEN_PRM_MODEL_CODE = '''
-import torch
-from transformers import PreTrainedModel, Qwen2Model
-from transformers.modeling_outputs import SequenceClassifierOutputWithPast
-
-from .configuration_qwen2_rm import Qwen2RMConfig
-
-
-class Qwen2ForProcessRewardModel(PreTrainedModel):
-    """Stand-in: two class logits at every position."""
-
-    config_class = Qwen2RMConfig
-    base_model_prefix = "model"
-
-    def __init__(self, config):
-        super().__init__(config)
-        self.model = Qwen2Model(config)
-        self.score = torch.nn.Sequential(
-            torch.nn.Linear(config.hidden_size, config.hidden_size), torch.nn.ReLU(),
-            torch.nn.Linear(config.hidden_size, 2),
-        )
-        self.post_init()
-
-    def get_input_embeddings(self):
-        return self.model.get_input_embeddings()
-
-    def forward(self, input_ids, attention_mask=None, **kwargs):
-        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        return SequenceClassifierOutputWithPast(logits=self.score(hidden) * 50.0)
-'''
 
 
 def qwen_config(tok, **fields) -> dict:

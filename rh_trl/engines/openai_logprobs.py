@@ -24,10 +24,8 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-import httpx
-
 from rh_trl.engines.batching import Reason
-from rh_trl.engines.http import MalformedResponse, RetryPolicy
+from rh_trl.engines.http import MalformedResponse
 from rh_trl.engines.logprobs import (
     TokenMismatchError,
     check_span,
@@ -59,8 +57,8 @@ class OpenAILogprobClient(SequenceBatchClient[list[float]]):
     """Reads span log-probs from one OpenAI-compatible server (or several replicas of one model).
 
     Args:
-        urls, model, api_key, batch_size, max_concurrency, retry, transport, label: see
-            :class:`~rh_trl.engines.server_batches.SequenceBatchClient`.
+        urls, **options: the server(s) and ``model``, ``api_key``, ``batch_size``, ``max_concurrency``, ``retry``,
+            ``transport``, ``label``: see :class:`~rh_trl.engines.server_batches.SequenceBatchClient`.
         use_prompt_logprobs: ask for vLLM's ``prompt_logprobs``; ``False`` uses ``echo`` + ``logprobs``.
         check_token_ids: compare the token ids the server reports with the ones sent.
     """
@@ -72,26 +70,11 @@ class OpenAILogprobClient(SequenceBatchClient[list[float]]):
         self,
         urls: str | Sequence[str],
         *,
-        model: str | None = None,
-        api_key: str | None = None,
-        batch_size: int = 16,
-        max_concurrency: int = 8,
-        retry: RetryPolicy | None = None,
         use_prompt_logprobs: bool = True,
         check_token_ids: bool = True,
-        transport: httpx.AsyncBaseTransport | None = None,
-        label: str = "server",
+        **options: Any,
     ) -> None:
-        super().__init__(
-            urls,
-            model=model,
-            api_key=api_key,
-            batch_size=batch_size,
-            max_concurrency=max_concurrency,
-            retry=retry,
-            transport=transport,
-            label=label,
-        )
+        super().__init__(urls, **options)
         self.use_prompt_logprobs = use_prompt_logprobs
         self.check_token_ids = check_token_ids
 

@@ -24,11 +24,10 @@ import os
 from collections.abc import Sequence
 from typing import Any, Literal
 
-import httpx
 import torch
 
 from rh_trl.engines.batching import Reason, deduplicate, log_too_long, split_by_length
-from rh_trl.engines.http import MalformedResponse, RetryPolicy
+from rh_trl.engines.http import MalformedResponse
 from rh_trl.engines.logprobs import TokenMismatchError
 from rh_trl.engines.server_batches import SequenceBatchClient
 from rh_trl.engines.vllm_llm import InProcessVLLM, import_vllm
@@ -136,35 +135,16 @@ class VLLMPoolingClient(SequenceBatchClient[torch.Tensor]):
     Args:
         urls: base URL(s) of the server (replicas of one model), without ``/v1``.
         task: ``"classify"`` or ``"token_classify"`` (see the module doc).
-        model, api_key, batch_size, max_concurrency, retry, transport, label: see
-            :class:`~rh_trl.engines.server_batches.SequenceBatchClient`.
+        label, **options: ``model`` (the served name), ``api_key``, ``batch_size``, ``max_concurrency``,
+            ``retry``, ``transport``: see :class:`~rh_trl.engines.server_batches.SequenceBatchClient`.
     """
 
     def __init__(
-        self,
-        urls: str | Sequence[str],
-        *,
-        task: PoolingTask,
-        model: str | None = None,
-        api_key: str | None = None,
-        batch_size: int = 32,
-        max_concurrency: int = 8,
-        retry: RetryPolicy | None = None,
-        transport: httpx.AsyncBaseTransport | None = None,
-        label: str = "reward model",
+        self, urls: str | Sequence[str], *, task: PoolingTask, label: str = "reward model", **options: Any
     ) -> None:
         if task not in ("classify", "token_classify"):
             raise ValueError(f"task must be 'classify' or 'token_classify', got {task!r}")
-        super().__init__(
-            urls,
-            model=model,
-            api_key=api_key,
-            batch_size=batch_size,
-            max_concurrency=max_concurrency,
-            retry=retry,
-            transport=transport,
-            label=label,
-        )
+        super().__init__(urls, label=label, **options)
         self.task = task
         self.PATH = "/classify" if task == "classify" else "/pooling"
 
@@ -216,3 +196,41 @@ class VLLMPoolingClient(SequenceBatchClient[torch.Tensor]):
                 )
             rows.append(row)
         return rows
+
+
+def engine_argument(engine: Any, task: PoolingTask) -> tuple[str, VLLMPoolingEngine | None]:
+    """A pooling reward's ``engine=``: its kind (``"hf"``, ``"vllm"``, ``"openai"``), and the engine itself when an
+    already-built :class:`VLLMPoolingEngine` was given to share."""
+    if isinstance(engine, VLLMPoolingEngine):
+        if engine.task != task:
+            raise ValueError(
+                f"engine= is a vLLM engine for the task {engine.task!r}; this reward needs {task!r}"
+            )
+        return "vllm", engine
+    if engine not in ("hf", "vllm", "openai"):
+        raise ValueError(f"engine must be 'hf', 'vllm', 'openai' or a VLLMPoolingEngine, got {engine!r}")
+    return engine, None
+
+
+def build_pooling_engine(
+    kind: str,
+    source: Any,
+    task: PoolingTask,
+    *,
+    shared: VLLMPoolingEngine | None = None,
+    dtype: Any = "auto",
+    trust_remote_code: bool = False,
+    vllm_kwargs: dict[str, Any] | None = None,
+    **client_options: Any,
+) -> VLLMPoolingEngine | VLLMPoolingClient:
+    """A pooling reward's vLLM engine: in this process (``"vllm"``; ``source`` a path or hub id) or a client of
+    ``vllm serve`` (``"openai"``; ``source`` the URL(s), ``client_options`` as for :class:`VLLMPoolingClient`)."""
+    if kind == "openai":
+        return VLLMPoolingClient(source, task=task, **client_options)
+    if shared is not None:
+        return shared
+    if not isinstance(source, str | os.PathLike):
+        raise TypeError(f"engine='vllm' loads the model by path or hub id, got a {type(source).__name__}")
+    return VLLMPoolingEngine(
+        source, task=task, dtype=dtype, trust_remote_code=trust_remote_code, **(vllm_kwargs or {})
+    )

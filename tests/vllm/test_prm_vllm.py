@@ -73,3 +73,15 @@ def test_vllm_serve_equals_hf(checkpoints, tokenizer, servers):
     expected = PRM(str(checkpoints.prm), tokenizer).score_steps(PROMPTS, COMPLETIONS)
     assert max_step_diff(remote.score_steps(PROMPTS, COMPLETIONS), expected) <= TOL
     assert remote.max_length == MAX_MODEL_LEN
+
+
+def test_token_classification_prm_on_vllm_equals_hf(checkpoints, tokenizer):
+    """A converted PRM: LlamaForTokenClassification with the separator token, as the registry finds it."""
+    path = str(checkpoints.token_prm)
+    prm = rh_trl.load(path, engine="vllm", tokenizer=tokenizer, vllm_kwargs=ENGINE_KWARGS)
+    try:
+        assert type(prm) is PRM and prm.kind == "separator"
+        expected = PRM(path, tokenizer).score_steps(PROMPTS, COMPLETIONS)
+        assert max_step_diff(prm.score_steps(PROMPTS, COMPLETIONS), expected) <= TOL
+    finally:
+        prm.engine.close()
