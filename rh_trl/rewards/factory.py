@@ -19,7 +19,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from rh_trl.loading import OFFLINE_PREFIX
-from rh_trl.options import check_options
+from rh_trl.options import check_options, did_you_mean
 from rh_trl.rewards.base import Reward
 
 TINY_PREFIX = OFFLINE_PREFIX  # the name recipes import
@@ -48,7 +48,9 @@ def register_reward_type(name: str, target: str | Callable[..., Reward]) -> None
 def reward_class(name: str) -> Callable[..., Reward]:
     """The class (or factory) registered for a reward type."""
     if name not in REWARD_TYPES:
-        raise ValueError(f"unknown reward type '{name}'; known types: {sorted(REWARD_TYPES)}")
+        raise ValueError(
+            f"unknown reward type '{name}'{did_you_mean(name, REWARD_TYPES)}; known types: {sorted(REWARD_TYPES)}"
+        )
     target: Any = REWARD_TYPES[name]
     return target if not isinstance(target, str) else import_target(target, f"reward type '{name}'")
 
