@@ -35,6 +35,10 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from rh_trl.command_line import help_text, json_object
+from rh_trl.datafiles import read_rows, read_yaml
+from rh_trl.options import did_you_mean
+
 logger = logging.getLogger("rh_trl")
 
 OUTPUTS = ("pairs.jsonl", "best_of_n.jsonl")
@@ -56,25 +60,6 @@ class AnnotateResult:
 
 
 # -- reading --------------------------------------------------------------------------------------------------
-
-
-def read_rows(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """Rows of a JSONL / JSON / Parquet file."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no input file at {path}")
-    if path.suffix == ".parquet":
-        import pandas as pd
-
-        return pd.read_parquet(path).to_dict(orient="records")
-    if path.suffix == ".json":
-        data = json.loads(path.read_text())
-        if not isinstance(data, list):
-            raise ValueError(f"{path}: expected a JSON list of rows")
-        return data
-    if path.suffix == ".jsonl":
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    raise ValueError(f"input must be .jsonl, .json or .parquet, got {path}")
 
 
 def as_completion(prompt: Any, response: Any) -> Any:
@@ -355,7 +340,7 @@ def add_annotate_command(subparsers: Any) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "annotate",
         help="score N responses per prompt; write preference pairs and best-of-N rows (resumable)",
-        description=__doc__.split("\n\n")[0] if __doc__ else None,
+        description=help_text(__doc__.split("\n\n")[0]),
     )
     p.add_argument("input", nargs="?", help="JSONL/JSON/Parquet rows with 'prompt' (and 'responses')")
     p.add_argument("--config", help="YAML file with any of these options (command-line values win)")
@@ -364,7 +349,7 @@ def add_annotate_command(subparsers: Any) -> argparse.ArgumentParser:
         "--reward",
         action="append",
         dest="rewards",
-        type=json.loads,
+        type=json_object,
         metavar="JSON",
         help='a reward spec, e.g. \'{"type": "orm", "model": "rh_trl:tiny-rm", "weight": 1}\' (repeat)',
     )
@@ -393,12 +378,17 @@ def resolve_options(args: argparse.Namespace) -> dict[str, Any]:
     """Command-line values over the YAML config's over the defaults; checks the required ones."""
     options = dict(DEFAULTS)
     if getattr(args, "config", None):
-        import yaml
-
-        config = yaml.safe_load(Path(args.config).read_text()) or {}
+        config = read_yaml(args.config, "a YAML mapping of annotate options") or {}
+        if not isinstance(config, dict):
+            raise ValueError(
+                f"{args.config}: expected a YAML mapping of annotate options, got a {type(config).__name__}"
+            )
         unknown = sorted(set(config) - set(DEFAULTS))
         if unknown:
-            raise ValueError(f"{args.config}: unknown option(s) {unknown}; known: {sorted(DEFAULTS)}")
+            raise ValueError(
+                f"{args.config}: unknown option {unknown[0]!r}{did_you_mean(unknown[0], DEFAULTS)}; "
+                f"known: {', '.join(sorted(DEFAULTS))}"
+            )
         options.update(config)
     options.update({k: v for k, v in vars(args).items() if k in DEFAULTS and v is not None})
     for required in ("input", "output_dir", "rewards"):
@@ -442,17 +432,14 @@ def _policy_generator(o: Mapping[str, Any]) -> Callable[[list[Any], int], list[l
             o["temperature"],
             seed=o["seed"] + chunk,
         )
-    from rh_trl.testing import tiny_model
+    from transformers import AutoModelForCausalLM
 
-    if o["policy"].startswith("rh_trl:"):
-        model, tokenizer = tiny_model(o["policy"].removeprefix("rh_trl:"))
-    else:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+    from rh_trl.loading import load_model, load_tokenizer
 
-        model = AutoModelForCausalLM.from_pretrained(o["policy"], dtype="auto")
-        tokenizer = AutoTokenizer.from_pretrained(o["policy"])
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
+    model = load_model(o["policy"], AutoModelForCausalLM)  # a path, a hub id or an offline name
+    tokenizer = load_tokenizer(None, model)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
     return lambda prompts, chunk: generate_responses(
         model,
         tokenizer,

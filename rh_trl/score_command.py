@@ -11,8 +11,9 @@ The reward is built by :func:`rh_trl.load` (``--model``, ``--engine``, ``--famil
 ``{"role", "content"}`` messages); their other columns reach the reward as dataset columns (e.g. ``reference``
 for a pairwise model). Rows are scored ``--batch-size`` at a time, in order, and written (``.jsonl`` or
 ``.parquet``, by the output's suffix; default ``<input>.scored.jsonl``) with every input column kept and the
-reward in ``--column``; a sample without a reward gets ``null``, never a made-up number. A short summary (rows,
-mean, number of nulls, the reward's counters) is printed.
+reward in ``--column``; a sample without a reward gets ``null``, never a made-up number. An existing output is
+replaced only with ``--overwrite``. A short summary (rows, mean, number of nulls, the reward's counters) is
+printed.
 """
 
 from __future__ import annotations
@@ -30,16 +31,21 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from rh_trl.annotate import read_rows
-from rh_trl.registry import ENGINES, FAMILIES, load
-from rh_trl.rewards.base import Reward
+from rh_trl.command_line import help_text, json_object
+from rh_trl.datafiles import read_rows
+from rh_trl.options import did_you_mean
 from rh_trl.stats import summarize
 
 logger = logging.getLogger("rh_trl")
 
 OUTPUT_SUFFIXES = (".jsonl", ".parquet")
-#: names a dataset column cannot take: they are the reward call's own arguments
-RESERVED_COLUMNS = ("prompts", "completions", "completion_ids", *Reward.TRAINER_KWARGS)
+
+
+def reserved_columns() -> tuple[str, ...]:
+    """Names a dataset column cannot take: they are the reward call's own arguments."""
+    from rh_trl.rewards.base import Reward
+
+    return ("prompts", "completions", "completion_ids", *Reward.TRAINER_KWARGS)
 
 
 @dataclass
@@ -131,18 +137,21 @@ def check_writable(rows: Sequence[Mapping[str, Any]], path: Path) -> None:
         ) from err
 
 
-def check_rows(rows: Sequence[Mapping[str, Any]], prompt_column: str, completion_column: str) -> None:
-    """Raise a ValueError naming the first row that lacks the prompt or completion column, or the columns that
-    take the names of the reward call's own arguments."""
-    for i, row in enumerate(rows):
+def check_rows(
+    rows: Sequence[Mapping[str, Any]], prompt_column: str, completion_column: str, source: str = ""
+) -> None:
+    """Raise a ValueError naming the first row (counted from 1, in the file ``source``) that lacks the prompt or
+    completion column, or the columns that take the names of the reward call's own arguments."""
+    where = f"{source}, " if source else ""
+    for number, row in enumerate(rows, start=1):
         missing = [c for c in (prompt_column, completion_column) if c not in row]
         if missing:
             raise ValueError(
-                f"row {i} has no {missing} column (its columns: {sorted(row)}); expected a '{prompt_column}' and "
-                f"a '{completion_column}' per row (TRL's prompt-completion format)"
+                f"{where}row {number} has no {missing} column (its columns: {sorted(row)}); expected a "
+                f"'{prompt_column}' and a '{completion_column}' per row (TRL's prompt-completion format)"
             )
     names = {k for row in rows for k in row} - {prompt_column, completion_column}
-    clash = sorted(names & set(RESERVED_COLUMNS))
+    clash = sorted(names & set(reserved_columns()))
     if clash:
         raise ValueError(
             f"the data has column(s) {clash}, names the reward call uses for its own arguments; rename them"
@@ -192,6 +201,8 @@ def run_score(args: argparse.Namespace) -> ScoreSummary:
     output = Path(args.output) if args.output else default_output(args.data)
     if output.suffix not in OUTPUT_SUFFIXES:
         raise ValueError(f"--output must end in {' or '.join(OUTPUT_SUFFIXES)}, got {output}")
+    if output.exists() and not args.overwrite:
+        raise ValueError(f"{output} exists; pass --overwrite to replace it, or choose another --output")
     rows = [plain(row) for row in read_rows(args.data)]
     if not rows:
         raise ValueError(f"{args.data} holds no rows")
@@ -201,12 +212,17 @@ def run_score(args: argparse.Namespace) -> ScoreSummary:
             f"the data already has a '{args.column}' column; name the new one with --column (e.g. --column "
             f"{args.column}_2)"
         )
-    check_rows(rows, args.prompt_column, args.completion_column)
+    check_rows(rows, args.prompt_column, args.completion_column, source=str(args.data))
     check_writable([{**row, args.column: 0.0} for row in rows], output)
-    options = json.loads(args.options) if args.options else {}
-    if not isinstance(options, dict):
-        raise ValueError(f"--options must be a JSON object of keyword arguments, got {args.options!r}")
-    reward = load(args.model, engine=args.engine, family=args.family, **options)
+    from rh_trl.registry import ENGINES, FAMILIES, load
+
+    for flag, value, valid in (
+        ("--engine", args.engine, ENGINES),
+        ("--family", args.family, sorted(FAMILIES)),
+    ):
+        if value is not None and value not in valid:
+            raise ValueError(f"{flag} {value!r} is not one of {', '.join(valid)}{did_you_mean(value, valid)}")
+    reward = load(args.model, engine=args.engine, family=args.family, **(args.options or {}))
     rewards, counts = score_rows(
         reward,
         rows,
@@ -245,14 +261,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument(
         "--output", default=None, help="scored rows, .jsonl or .parquet (default <data>.scored)"
     )
+    parser.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
     parser.add_argument("--column", default="reward", help="name of the new column (default: reward)")
-    parser.add_argument("--engine", default="hf", choices=ENGINES, help="where the reward runs (default: hf)")
+    parser.add_argument("--engine", default="hf", help="where the reward runs: hf (default), vllm or openai")
     parser.add_argument(
-        "--family", default=None, choices=sorted(FAMILIES), help="pick the reward class by hand"
+        "--family",
+        default=None,
+        help="pick the reward class by hand: orm, prm, pairwise, cloud, drsow or embedding",
     )
     parser.add_argument(
         "--options",
         default=None,
+        type=json_object,
         metavar="JSON",
         help="keyword arguments of the reward class, e.g. '{\"max_length\": 4096}'",
     )
@@ -268,7 +288,7 @@ def add_score_command(subparsers: Any) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "score",
         help="score prompt/completion rows with any reward model; write them back with a reward column",
-        description=__doc__,
+        description=help_text(__doc__),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_arguments(parser)
@@ -279,7 +299,9 @@ def add_score_command(subparsers: Any) -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> ScoreSummary:
     """``python -m rh_trl.score_command …``: the score command on its own."""
     parser = argparse.ArgumentParser(
-        prog="rh-trl score", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="rh-trl score",
+        description=help_text(__doc__),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     return run_score(add_arguments(parser).parse_args(list(argv) if argv is not None else sys.argv[1:]))
 

@@ -58,7 +58,10 @@ def bpe_tokenizer(
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        vocab_size=vocab_size,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
     tok.train_from_iterator(corpus if corpus is not None else _corpus(), trainer)
     if style == "llama":
@@ -158,23 +161,44 @@ def tiny_causal_lm(tokenizer: Any, seed: int = 0, **config: Any) -> Any:
     return model
 
 
+#: the tiny offline models: name → (tokenizer style, vocabulary size, head, seed offset)
+TINY_MODELS: dict[str, tuple[TokenizerStyle, int, Literal["reward", "causal"], int]] = {
+    "tiny-rm": ("chatml", 400, "reward", 1),
+    "tiny-policy": ("llama", 512, "causal", 0),
+    "tiny-lm-chatml": ("chatml", 400, "causal", 2),
+}
+
+
+def _tiny_spec(name: str) -> tuple[TokenizerStyle, int, str, int]:
+    if name not in TINY_MODELS:
+        raise ValueError(f"unknown tiny model '{name}'; known: {sorted(TINY_MODELS)}")
+    return TINY_MODELS[name]
+
+
+def tiny_tokenizer(name: str) -> Any:
+    """The tokenizer of the tiny model ``name`` (the same vocabulary every time it is built)."""
+    style, vocab_size, _, _ = _tiny_spec(name)
+    return bpe_tokenizer(style, vocab_size=vocab_size)
+
+
+def tiny_config(name: str) -> Any:
+    """The config of the tiny model ``name``, without building the model."""
+    _, _, head, _ = _tiny_spec(name)
+    return tiny_llama_config(tiny_tokenizer(name), **({"num_labels": 1} if head == "reward" else {}))
+
+
 def tiny_model(name: str, seed: int = 0) -> tuple[Any, Any]:
     """A named tiny offline model and its tokenizer, for configs that must run without any download.
 
     ``"tiny-rm"``: a sequence-classification RM with a ChatML tokenizer; ``"tiny-policy"``: a causal LM with the
     Llama-style tokenizer; ``"tiny-lm-chatml"``: a causal LM with the ChatML tokenizer (e.g. a second model
-    whose tokenizer differs from the policy's).
+    whose tokenizer differs from the policy's). The same names, prefixed ``"rh_trl:"``, are accepted wherever a
+    model path is (:mod:`rh_trl.loading`).
     """
-    if name == "tiny-rm":
-        tokenizer = bpe_tokenizer("chatml", vocab_size=400)
-        return tiny_reward_model(tokenizer, seed=seed + 1), tokenizer
-    if name == "tiny-policy":
-        tokenizer = bpe_tokenizer("llama")
-        return tiny_causal_lm(tokenizer, seed=seed), tokenizer
-    if name == "tiny-lm-chatml":
-        tokenizer = bpe_tokenizer("chatml", vocab_size=400)
-        return tiny_causal_lm(tokenizer, seed=seed + 2), tokenizer
-    raise ValueError(f"unknown tiny model '{name}'; known: ['tiny-lm-chatml', 'tiny-policy', 'tiny-rm']")
+    _, _, head, offset = _tiny_spec(name)
+    tokenizer = tiny_tokenizer(name)
+    build = tiny_reward_model if head == "reward" else tiny_causal_lm
+    return build(tokenizer, seed=seed + offset), tokenizer
 
 
 def synthetic_preferences(n: int = 64, seed: int = 0) -> list[dict[str, Any]]:

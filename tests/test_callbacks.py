@@ -167,6 +167,7 @@ def grpo_run(tmp_path, llama_tok, *, max_steps, callbacks, rewards, resume=None,
     return trainer
 
 
+@pytest.mark.slow
 def test_normalizer_state_survives_checkpoint_resume(tmp_path, llama_tok):
     full = RewardNormalizer([text_length, WithStatistics(lambda completions, **kw: [1.0] * len(completions))])
     grpo_run(tmp_path / "full", llama_tok, max_steps=4, callbacks=[full], rewards=full.rewards)
@@ -262,6 +263,7 @@ def assert_same_scores(scored, chatml_tok):
         assert max(abs(a - b) for a, b in zip(rewards, want, strict=False)) < 1e-5
 
 
+@pytest.mark.slow
 def test_offload_moves_reward_model_off_device_between_scoring(tmp_path, llama_tok, chatml_tok):
     # On CPU the "training device" is the CPU, so weights wait as empty `meta` placeholders: observable.
     orm, offload, probe, scored = run_offloaded_grpo(tmp_path, llama_tok, chatml_tok, "cpu", "meta")

@@ -134,6 +134,7 @@ def test_server_critiques_and_failure(cloud_model, tok):
     assert down.last_stats["num_critique_failed"] == 3
 
 
+@pytest.mark.slow
 def test_grpo_two_steps(tmp_path, cloud_model, tok):
     policy_tok = bpe_tokenizer("llama")
     rm = CLoud(cloud_model, tok, max_new_tokens=4, device="cpu", name="cloud_grpo")

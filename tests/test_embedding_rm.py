@@ -294,6 +294,7 @@ def test_heads_learn_a_planted_direction(loss):
 # -- the recipe ----------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_recipe_end_to_end_then_load_and_score(tmp_path, monkeypatch):
     sys.path.insert(0, str(ROOT / "recipes"))
     import train_embedding_rm
@@ -340,6 +341,7 @@ def test_recipe_end_to_end_then_load_and_score(tmp_path, monkeypatch):
 # -- in a trainer --------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_grpo_two_steps(tmp_path, policy, llama_tok, minilm):
     model, tok = minilm
     rm = EmbeddingRM(TextEncoder(model, tok), random_heads(384, k=2), name="emb_rm")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from rh_trl import ORM
+from rh_trl import ORM, ModelLoadError
 from rh_trl.rewards.factory import build_reward, build_rewards, register_reward_type, reward_class
 from rh_trl.testing import tiny_model
 
@@ -27,11 +27,15 @@ def test_bad_specs_are_explained():
         build_reward({"type": "nope"})
     with pytest.raises(ValueError, match="'type' key"):
         build_reward({"model": "x"})
-    with pytest.raises(TypeError, match="reward spec .*unexpected keyword"):
+    with pytest.raises(
+        ValueError, match="reward spec .*ORM has no option 'colour'; the options it takes: model,"
+    ):
         build_reward({"type": "orm", "model": "rh_trl:tiny-rm", "colour": "red"})
     with pytest.raises(ValueError, match="at least one"):
         build_rewards([])
-    with pytest.raises(ValueError, match="unknown tiny model"):
+    with pytest.raises(
+        ModelLoadError, match="unknown offline model 'rh_trl:tiny-giant'.*known: .*rh_trl:tiny-rm"
+    ):
         build_reward({"type": "orm", "model": "rh_trl:tiny-giant"})
 
 

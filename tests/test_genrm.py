@@ -271,6 +271,7 @@ def test_local_engine_with_scripted_generation(judge_lm, chatml, monkeypatch):
     assert rm.last_stats["num_unparsed"] == 2 and len(seen) == 3
 
 
+@pytest.mark.slow
 def test_grpo_two_steps_with_chat_server(tmp_path, server_url):
     url, _ = server_url
     tok = bpe_tokenizer("llama")

@@ -164,6 +164,7 @@ def test_tokenizer_without_single_token_letters(lm):
         PairwisePM(lm, bad)
 
 
+@pytest.mark.slow
 def test_grpo_two_steps(tmp_path, tok, lm):
     pm = PairwisePM(lm, tok, name="pairpm_test")
     policy = tiny_causal_lm(tok, seed=5)
@@ -200,6 +201,7 @@ def per_prompt_zero_spread(prompts, values) -> float:
     return sum(max(vs) - min(vs) <= 1e-9 for vs in by_prompt.values()) / len(by_prompt)
 
 
+@pytest.mark.slow
 def test_online_dpo_run_rewards_are_win_probabilities_within_each_prompt(tmp_path, tok, lm):
     pytest.importorskip("trl.experimental.online_dpo")
     from trl.experimental.online_dpo import OnlineDPOConfig, OnlineDPOTrainer

@@ -60,7 +60,7 @@ def test_bad_preference_data_is_explained(tmp_path):
         "chosen": [{"role": "user", "content": "Q1"}, {"role": "assistant", "content": "a"}],
         "rejected": [{"role": "user", "content": "Q2"}, {"role": "assistant", "content": "b"}],
     }
-    with pytest.raises(PreferenceDataError, match="row 1: chosen and rejected do not share their prompt"):
+    with pytest.raises(PreferenceDataError, match="row 2: chosen and rejected do not share their prompt"):
         load_pairs([HH, diverging])
     assert len(load_pairs([HH, diverging], skip_invalid=True)) == 1
     with pytest.raises(PreferenceDataError, match="all 1 rows were invalid"):

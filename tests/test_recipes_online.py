@@ -27,6 +27,7 @@ def config(tmp_path: Path, recipe: str, **overrides) -> str:
     return str(path)
 
 
+@pytest.mark.slow
 def test_grpo_recipe_with_normalized_rewards_and_statistics(tmp_path):
     import grpo
 
@@ -44,6 +45,7 @@ def test_grpo_recipe_with_normalized_rewards_and_statistics(tmp_path):
     assert (tmp_path / "out" / "model.safetensors").is_file()
 
 
+@pytest.mark.slow
 def test_online_dpo_recipe(tmp_path):
     pytest.importorskip("trl.experimental.online_dpo")
     import online_dpo
@@ -53,6 +55,7 @@ def test_online_dpo_recipe(tmp_path):
     assert result["reward_names"] == ["tiny_rm"]
 
 
+@pytest.mark.slow
 def test_iterative_dpo_pairs_best_and_worst_and_resumes(tmp_path):
     import iterative_dpo
 
@@ -87,6 +90,7 @@ def test_iterative_dpo_pairs_best_and_worst_and_resumes(tmp_path):
     assert (out / "iter_1" / "DONE").is_file() and again["iterations"][0] == result["iterations"][0]
 
 
+@pytest.mark.slow
 def test_grpo_recipe_under_accelerate_launch(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     cmd = [

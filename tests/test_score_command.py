@@ -126,17 +126,18 @@ def test_tiny_name_other_family_and_wired_subcommand(tmp_path):
     assert_close([r["reward"] for r in read_jsonl(out)], expected)
 
 
-def test_bad_input_is_explained(tmp_path, rm_dir):
+def test_bad_input_is_explained(tmp_path, rm_dir, capsys):
     path, _ = rm_dir
     data = write_jsonl(tmp_path / "rows.jsonl", [{**ROWS[0], "reward": 1.0}])
     with pytest.raises(ValueError, match="already has a 'reward' column.*--column"):
         main(["--model", str(path), "--data", str(data), "--no-progress"])
     data = write_jsonl(tmp_path / "rows2.jsonl", [{"question": "x", "completion": "y"}])
-    with pytest.raises(ValueError, match=r"row 0 has no \['prompt'\] column.*question"):
+    with pytest.raises(ValueError, match=r"rows2.jsonl, row 1 has no \['prompt'\] column.*question"):
         main(["--model", str(path), "--data", str(data), "--no-progress"])
     data = write_jsonl(tmp_path / "rows3.jsonl", [ROWS[0]])
-    with pytest.raises(ValueError, match="--options must be a JSON object"):
+    with pytest.raises(SystemExit):  # argparse refuses it
         main(["--model", str(path), "--data", str(data), "--options", "[1]", "--no-progress"])
+    assert "argument --options: expected a JSON object of keyword arguments" in capsys.readouterr().err
     missing_model = str(tmp_path / "no-model")  # the checks below fail before any model is loaded
     data = write_jsonl(tmp_path / "rows4.jsonl", [{**ROWS[4], "completion_ids": [1, 2]}])
     with pytest.raises(ValueError, match=r"column\(s\) \['completion_ids'\].*rename them"):

@@ -22,6 +22,7 @@ COMPLETIONS = [
 ]
 
 
+@pytest.mark.slow
 def test_train_bt_single_process_then_orm(tmp_path):
     import train_bt
 
@@ -55,6 +56,7 @@ def test_train_bt_two_cpu_processes(tmp_path):
     assert scores[0] > scores[1]
 
 
+@pytest.mark.slow
 def test_eval_rm_recipe(tmp_path):
     import eval_rm
 

@@ -186,6 +186,7 @@ def full_run(tmp_path_factory):
     return out, summary
 
 
+@pytest.mark.slow
 def test_every_stage_runs_and_reports(full_run):
     out, summary = full_run
     assert summary["stages"] == ["sft", "regenerate", "joint"] and summary["train_pairs"] == 27
@@ -216,6 +217,7 @@ def check_greedy_critiques(sft_dir: Path, rows: list[dict], max_new_tokens: int)
             assert row[f"{side}_critique"] == tok.decode(new, skip_special_tokens=True).strip()
 
 
+@pytest.mark.slow
 def test_regenerated_critiques_are_the_sft_models_greedy_critiques(full_run):
     out, _ = full_run
     rows = [json.loads(line) for line in (out / "self_critiques.jsonl").read_text().splitlines()]
@@ -223,6 +225,7 @@ def test_regenerated_critiques_are_the_sft_models_greedy_critiques(full_run):
     check_greedy_critiques(out / "critique_sft", rows[:3], 8)
 
 
+@pytest.mark.slow
 def test_outputs_load_into_cloud_and_orm(full_run):
     out, _ = full_run
     config = json.loads((out / "config.json").read_text())
@@ -238,6 +241,7 @@ def test_outputs_load_into_cloud_and_orm(full_run):
     assert all(isinstance(s, float) and math.isfinite(s) for s in classic)
 
 
+@pytest.mark.slow
 def test_joint_stage_on_dataset_critiques_learns_to_read_them(tmp_path):
     """Joint training alone (from the base LM) on the oracle critiques: the head learns to read them, checked on
     held-out pairs by a forward pass written here."""

@@ -196,6 +196,7 @@ def check_output_against_transformers(output_dir: Path) -> list[float]:
     return probs
 
 
+@pytest.mark.slow
 def test_train_single_process_then_pairwise_pm(tmp_path, capsys):
     summary = train_pairwise.main(
         ["--config", str(ROOT / "configs/pairwise/tiny.yaml"), "--output_dir", str(tmp_path)]

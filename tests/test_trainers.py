@@ -16,6 +16,7 @@ def completion_length(completions, **kwargs) -> list[float]:
     return [float(len(c[0]["content"])) for c in completions]
 
 
+@pytest.mark.slow
 def test_grpo_two_steps_with_orm_and_plain_function(tmp_path, policy, llama_tok, rm_minilm, minilm_tok):
     orm = rh_trl.ORM(rm_minilm, minilm_tok, name="minilm_rm")
     seen_columns: list[str] = []
@@ -36,6 +37,7 @@ def test_grpo_two_steps_with_orm_and_plain_function(tmp_path, policy, llama_tok,
     assert "topic" in seen_columns  # dataset columns reach rewards
 
 
+@pytest.mark.slow
 def test_rloo_one_step(tmp_path, policy, llama_tok, rm_chatml, chatml_tok):
     from trl import RLOOConfig, RLOOTrainer
 
@@ -52,6 +54,7 @@ def test_rloo_one_step(tmp_path, policy, llama_tok, rm_chatml, chatml_tok):
     assert any("rewards/chatml_rm/mean" in h for h in trainer.state.log_history)
 
 
+@pytest.mark.slow
 def test_online_dpo_one_step(tmp_path, llama_tok, rm_minilm, minilm_tok):
     pytest.importorskip("trl.experimental.online_dpo")
     from trl.experimental.online_dpo import OnlineDPOConfig, OnlineDPOTrainer

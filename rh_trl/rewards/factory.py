@@ -5,8 +5,8 @@ A spec is a mapping with a ``type`` and the keyword arguments of that reward's c
     {"type": "orm", "model": "Skywork/Skywork-Reward-V2-Llama-3.1-8B", "max_length": 4096, "name": "skywork"}
 
 ``weight`` is not passed to the class: recipes read it for the trainer's ``reward_weights``. Model arguments
-may name a built-in tiny offline model, ``"rh_trl:tiny-rm"`` etc. (see :func:`rh_trl.testing.tiny_model`),
-so that configs run end to end without any download.
+may be offline names, ``"rh_trl:tiny-rm"`` etc. (see :mod:`rh_trl.loading`), so that configs run end to end
+without any download.
 
 Register a type with :func:`register_reward_type`. Classes are named as ``"module:Class"`` strings and
 imported on first use, so a type whose optional dependencies are missing fails only when it is used.
@@ -18,9 +18,11 @@ import importlib
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from rh_trl.loading import OFFLINE_PREFIX
+from rh_trl.options import check_options, did_you_mean
 from rh_trl.rewards.base import Reward
 
-TINY_PREFIX = "rh_trl:"
+TINY_PREFIX = OFFLINE_PREFIX  # the name recipes import
 
 #: reward type → "module:attribute" of the class (or factory function) that builds it
 REWARD_TYPES: dict[str, str] = {
@@ -46,7 +48,9 @@ def register_reward_type(name: str, target: str | Callable[..., Reward]) -> None
 def reward_class(name: str) -> Callable[..., Reward]:
     """The class (or factory) registered for a reward type."""
     if name not in REWARD_TYPES:
-        raise ValueError(f"unknown reward type '{name}'; known types: {sorted(REWARD_TYPES)}")
+        raise ValueError(
+            f"unknown reward type '{name}'{did_you_mean(name, REWARD_TYPES)}; known types: {sorted(REWARD_TYPES)}"
+        )
     target: Any = REWARD_TYPES[name]
     return target if not isinstance(target, str) else import_target(target, f"reward type '{name}'")
 
@@ -62,15 +66,19 @@ def import_target(target: str, what: str = "the reward") -> Any:
 
 
 def resolve_tiny(options: dict[str, Any]) -> dict[str, Any]:
-    """A copy of ``options`` where a ``"rh_trl:tiny-…"`` model argument (``model``, ``strong``, ``weak``) is the
-    tiny model itself, and its tokenizer argument defaults to the tiny model's tokenizer."""
+    """A copy of ``options`` where an offline model name in a model argument (``model``, ``strong``, ``weak``)
+    is what it stands for (:mod:`rh_trl.loading`): a tiny model itself, with its tokenizer as the default of the
+    matching tokenizer argument, or MiniLM's directory. For deciding a class from the model (:func:`rh_trl.load`);
+    the reward classes read the names themselves."""
+    from rh_trl.loading import is_offline_name, offline_model, offline_path
+
     options = dict(options)
     for model_arg, tokenizer_arg in MODEL_ARGUMENTS.items():
-        value = options.get(model_arg)
-        if isinstance(value, str) and value.startswith(TINY_PREFIX):
-            from rh_trl.testing import tiny_model
-
-            model, tokenizer = tiny_model(value[len(TINY_PREFIX) :])
+        if model_arg not in options:
+            continue
+        value = options[model_arg] = offline_path(options[model_arg])
+        if is_offline_name(value):
+            model, tokenizer = offline_model(value)
             options[model_arg] = model
             options.setdefault(tokenizer_arg, tokenizer)
     return options
@@ -85,7 +93,11 @@ def build_reward(spec: Mapping[str, Any]) -> Reward:
     options = {k: v for k, v in spec.items() if k not in ("type", "weight")}
     cls = reward_class(str(spec["type"]))
     try:
-        return cls(**resolve_tiny(options))
+        check_options(cls, options)
+    except ValueError as err:
+        raise ValueError(f"reward spec {dict(spec)!r}: {err}") from None
+    try:
+        return cls(**options)
     except TypeError as err:
         raise TypeError(f"reward spec {dict(spec)!r}: {err}") from err
 
