@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import inspect
 import itertools
 import json
 import logging
@@ -179,8 +180,14 @@ def combined_scores(
     prompts: Sequence[Any],
     completions: Sequence[Any],
 ) -> list[float | None]:
-    """Weighted sum of the rewards per completion; ``None`` where any reward gave ``None``."""
-    per_reward = [r(prompts=list(prompts), completions=list(completions)) for r in rewards]
+    """Weighted sum of the rewards per completion; ``None`` where any reward gave ``None``. Async rewards
+    (``RemoteRM``) are awaited."""
+    from rh_trl.engines.http import run_sync
+
+    per_reward = []
+    for reward in rewards:
+        values = reward(prompts=list(prompts), completions=list(completions))
+        per_reward.append(run_sync(values) if inspect.isawaitable(values) else values)
     scores: list[float | None] = []
     for values in zip(*per_reward, strict=True):
         if any(v is None or math.isnan(v) for v in values):

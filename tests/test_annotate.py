@@ -189,3 +189,23 @@ def test_annotate_command_refuses_to_resume_with_changed_generation_or_input(tmp
         args.func(args)
     assert changed in str(err.value)
     assert len(read(tmp_path / "out" / "best_of_n.jsonl")) == 4  # nothing was mixed in
+
+
+def test_an_async_remote_reward_is_awaited(tmp_path):
+    import httpx
+
+    from rh_trl.rewards.remote import RemoteRM
+
+    def handler(request):
+        body = json.loads(request.content)
+        return httpx.Response(
+            200, json={"rewards": [float(len(c[0]["content"])) for c in body["completions"]]}
+        )
+
+    remote = RemoteRM("http://rm:1", transport=httpx.MockTransport(handler))
+    rows = dataset(n=2)
+    result = annotate(rows, tmp_path, [remote], chunk_size=1, progress=False)
+    best = read(tmp_path / "best_of_n.jsonl")
+    assert result.best == 2
+    for row, picked in zip(rows, best, strict=True):
+        assert picked["scores"] == [float(len(r)) for r in row["responses"]]
