@@ -119,6 +119,7 @@ def test_openapi_documents_the_request_bodies(srv):
         ref = body["content"]["application/json"]["schema"]["$ref"]
         assert body["required"] and ref == f"#/components/schemas/{schema}"
         assert set(schemas[schema]["required"]) == required
+    assert schemas["RewardRequest"]["properties"]["model"]["anyOf"][0]["enum"] == ["len"]
     message_ref = schemas["RewardRequest"]["properties"]["prompts"]["items"]["anyOf"][1]["items"]["$ref"]
     assert message_ref.removeprefix("#/components/schemas/") in schemas  # every reference resolves
 

@@ -251,3 +251,30 @@ def test_sigterm_ends_the_server_within_its_grace_period_while_a_long_batch_runs
         assert result["response"].status_code == 503
     else:
         assert isinstance(result["error"], httpx.HTTPError)
+
+
+def test_the_queue_also_refuses_more_than_max_queue_wait_s_of_work():
+    from rh_trl.serve.batcher import DynamicBatcher
+    from rh_trl.serve.errors import RequestError
+
+    async def main():
+        batcher = DynamicBatcher(Recording(delay=0.5), max_items=100, max_queue_wait_s=5.0, max_wait_ms=1)
+        batcher.start()
+        try:
+            batcher._rate = 10.0  # samples per second, as measured on earlier batches
+            first = asyncio.ensure_future(batcher.submit(["p"] * 30, ["x"] * 30))
+            await asyncio.sleep(0.1)  # taken into a batch: nothing waits
+            waiting = asyncio.ensure_future(batcher.submit(["p"] * 40, ["y"] * 40))
+            await asyncio.sleep(0)
+            assert batcher.waiting == 40
+            with pytest.raises(RequestError) as refused:  # 60 samples at 10/s: 6 s > 5 s
+                await batcher.submit(["p"] * 20, ["z"] * 20)
+            assert refused.value.status == 429 and refused.value.headers()["Retry-After"] == "4"
+            assert "about 6.0 s of work" in refused.value.message
+            small = await batcher.submit(["p"] * 5, ["w"] * 5)  # 45 samples: 4.5 s, taken
+            assert small.rewards == [1.0] * 5
+            await asyncio.gather(first, waiting)
+        finally:
+            await batcher.stop()
+
+    asyncio.run(main())

@@ -301,6 +301,8 @@ def create_app(
             for schema in schemas:
                 found = schema.model_json_schema(ref_template="#/components/schemas/{model}")
                 components.update(found.pop("$defs", {}))
+                # "model" names one of the hosted rewards
+                found["properties"]["model"]["anyOf"][0]["enum"] = sorted(server.specs)
                 components[schema.__name__] = found
             app.openapi_schema = document
         return app.openapi_schema

@@ -66,6 +66,7 @@ class LocalBackend:
                 max_wait_ms=spec.max_wait_ms,
                 enabled=spec.batching,
                 max_queue_samples=spec.max_queue_samples,
+                max_queue_wait_s=spec.max_queue_wait_s,
                 max_sample_tokens=spec.max_sample_tokens,
                 compute_timeout_s=spec.compute_timeout_s,
             )
@@ -99,6 +100,7 @@ class LocalBackend:
             "reward_name": batcher.reward.__name__,
             "max_sample_tokens": batcher.cap.max_tokens,
             "max_queue_samples": batcher.max_queue_samples,
+            "max_queue_wait_s": batcher.max_queue_wait_s,
         }
 
     def metrics(self) -> dict[str, Any]:

@@ -12,9 +12,9 @@ What bounds the work:
 
 - a token cap per reward (:class:`~rh_trl.serve.sample_cap.TokenCap`): a longer sample gets ``None``, counted
   as ``too_long``, and never reaches a forward pass;
-- a bounded queue: a request that would take the samples waiting for this reward past ``max_queue_samples`` is
-  refused with 429 and a ``Retry-After`` estimated from the recent throughput (a request arriving at an empty
-  queue is always taken);
+- a bounded queue: a request that would take the samples waiting for this reward past ``max_queue_samples``, or
+  past ``max_queue_wait_s`` seconds of work at the recent throughput, is refused with 429 and a ``Retry-After``
+  (the time the waiting samples need); a request arriving at an empty queue is always taken;
 - cancellation: a request whose caller stopped waiting (the client went away) is dropped before its batch is
   scored (one already being scored is finished, for a retry to pick up);
 - a per-batch compute deadline (:mod:`rh_trl.engines.deadline`): a batch still running after
@@ -155,6 +155,7 @@ class DynamicBatcher:
         max_wait_ms: how long the first request of a batch waits for company.
         enabled: ``False`` scores every request on its own (one call per request).
         max_queue_samples: samples that may wait at once (default: 4 batches' worth).
+        max_queue_wait_s: seconds of work (at the recent throughput) that may wait at once.
         max_sample_tokens: the token cap (default: the reward model's context length).
         compute_timeout_s: the deadline of one combined call.
     """
@@ -168,6 +169,7 @@ class DynamicBatcher:
         max_wait_ms: float = 5.0,
         enabled: bool = True,
         max_queue_samples: int | None = None,
+        max_queue_wait_s: float = 5.0,
         max_sample_tokens: int | None = None,
         compute_timeout_s: float | None = 120.0,
     ) -> None:
@@ -178,6 +180,7 @@ class DynamicBatcher:
         self.max_wait = max_wait_ms / 1000.0
         self.enabled = enabled
         self.max_queue_samples = max_queue_samples or 4 * max_items
+        self.max_queue_wait_s = max_queue_wait_s
         self.cap = TokenCap(reward, max_sample_tokens)
         self.compute_timeout_s = compute_timeout_s
         self.metrics = BatcherMetrics()
@@ -220,6 +223,20 @@ class DynamicBatcher:
         """Seconds until the samples waiting now are likely scored (at least 1)."""
         return max(1.0, min(60.0, self.waiting / self._rate)) if self._rate > 0 else 1.0
 
+    def _refusal(self, n: int) -> str | None:
+        """Why a request of ``n`` samples cannot wait now, or ``None`` if it can."""
+        if not self.waiting:
+            return None
+        if self.waiting + n > self.max_queue_samples:
+            return f"{self.waiting} samples are waiting and the limit is {self.max_queue_samples}"
+        seconds = (self.waiting + n) / self._rate if self._rate > 0 else 0.0
+        if seconds > self.max_queue_wait_s:
+            return (
+                f"{self.waiting} samples are waiting, about {seconds:.1f} s of work at "
+                f"{self._rate:.0f} samples/s, and the limit is {self.max_queue_wait_s:g} s"
+            )
+        return None
+
     async def submit(
         self, prompts: Sequence[Any], completions: Sequence[Any], columns: dict[str, list[Any]] | None = None
     ) -> RewardOutput:
@@ -230,13 +247,13 @@ class DynamicBatcher:
         if self._stopping:
             raise RequestError(503, "the server is shutting down", retry_after=5)
         n = len(prompts)
-        if self.waiting and self.waiting + n > self.max_queue_samples:
+        refusal = self._refusal(n)
+        if refusal is not None:
             self.metrics.rejected_overloaded += 1
             seconds = self.retry_after()
             raise RequestError(
                 429,
-                f"reward '{self.name}' is busy: {self.waiting} samples are waiting and this request would take "
-                f"them past the limit of {self.max_queue_samples}; retry after {seconds:.0f} s",
+                f"reward '{self.name}' is busy: {refusal}; retry after {seconds:.0f} s",
                 retry_after=seconds,
             )
         self.waiting += n
@@ -365,7 +382,12 @@ class DynamicBatcher:
                 jobs.append(job)
                 items += len(job)
                 chars += job.chars
-            await self._run(jobs)
+            try:
+                await self._run(jobs)
+            except Exception as err:  # a bug here must not stop the collector: fail this batch, go on
+                logger.exception("%s: handling a batch failed", self.name)
+                for job in jobs:
+                    self._fail(job, err)
 
     def _score(self, jobs: list[Job]) -> RewardOutput:
         prompts = [p for job in jobs for p in job.prompts]

@@ -30,8 +30,9 @@ class RewardSpec(BaseModel):
     ``batching: false`` scores each request on its own.
 
     Limits: a sample with more than ``max_sample_tokens`` tokens (default: the model's context length) gets
-    ``None``, counted as ``too_long``; at most ``max_queue_samples`` samples (default: 4 batches) wait at once,
-    beyond that requests get 429 with ``Retry-After``; a scoring call running past ``compute_timeout_s`` stops
+    ``None``, counted as ``too_long``; at most ``max_queue_samples`` samples (default: 4 batches) and
+    ``max_queue_wait_s`` seconds of work (at the recent throughput) wait at once, beyond that requests get 429
+    with ``Retry-After``; a scoring call running past ``compute_timeout_s`` stops
     at its next forward pass and its requests get 503.
     """
 
@@ -53,6 +54,7 @@ class RewardSpec(BaseModel):
     )
     max_sample_tokens: int | None = Field(default=None, ge=1)
     max_queue_samples: int | None = Field(default=None, ge=1)
+    max_queue_wait_s: float = Field(default=5.0, gt=0)
     compute_timeout_s: float = Field(default=120.0, gt=0)
 
     @model_validator(mode="after")
