@@ -229,7 +229,10 @@ class HTTPPool:
                         try:
                             answer = await self._post_once(client, self.urls[i] + path, payload, headers)
                         except ServerUnavailable as err:
-                            self.health.failed(i, err.retry_after)
+                            pause = err.retry_after
+                            self.health.failed(
+                                i, None if pause is None else min(pause, self.retry.max_retry_after)
+                            )
                             raise
                         self.health.succeeded(i)
                         return answer

@@ -40,9 +40,9 @@ class RemoteRM(Reward):
     scoring waits for that work instead of queueing the chunk again. A chunk that still fails after the retries
     (5xx, 429, timeouts, connection errors) gives ``None`` for its samples, counted as ``num_server_failed``
     and logged; samples the server found longer than its token cap are ``None``, counted as
-    ``num_server_too_long``; a chunk the server refuses
-    (4xx) gives ``None`` counted as ``num_server_rejected``, except a missing or wrong API key (401/403), which
-    raises at once. ``strict=True`` raises on every failure instead.
+    ``num_server_too_long``; a chunk the server refuses (4xx) gives ``None`` counted as ``num_server_rejected``,
+    except a missing or wrong API key (401/403), which raises at once. ``strict=True`` raises on every failure
+    instead.
 
     Args:
         urls: the server's base URL (``http://host:port``) or several.
