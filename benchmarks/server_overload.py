@@ -248,6 +248,7 @@ def summary(level: Level, args: argparse.Namespace) -> dict[str, str]:
     long_none = sum(o.status == "200" and o.scored == 0 for o in longs)
     long_late = sum(o.status == "timeout" for o in longs)
     return {
+        "offered req/s": f"{level.offered_rps:.1f}",
         "goodput": f"{sum(o.scored for o in in_time) / args.duration:.0f}",
         "p50": pct(0.5),
         "p99": pct(0.99),

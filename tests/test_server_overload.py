@@ -278,3 +278,45 @@ def test_the_queue_also_refuses_more_than_max_queue_wait_s_of_work():
             await batcher.stop()
 
     asyncio.run(main())
+
+
+def test_shared_calls_join_expire_and_forget_failures():
+    from rh_trl.serve.idempotency import SharedCalls
+
+    async def main():
+        calls = SharedCalls(ttl_s=0.2, max_entries=2)
+        runs = []
+
+        async def work(value):
+            runs.append(value)
+            await asyncio.sleep(0.05)
+            if value == "boom":
+                raise RuntimeError("boom")
+            return value
+
+        key = SharedCalls.key("/v1/rewards", "rm", "k1", body=b"{}")
+        assert key != SharedCalls.key(
+            "/v1/rewards", "rm", "k1", body=b'{"a": 1}'
+        )  # another body: another call
+        first, second = await asyncio.gather(
+            calls.run(key, lambda: work("a")), calls.run(key, lambda: work("b"))
+        )
+        assert first == second == "a" and runs == ["a"] and calls.reused == 1
+        assert await calls.run(key, lambda: work("c")) == "a"  # finished moments ago: the same answer
+        await asyncio.sleep(0.25)
+        assert await calls.run(key, lambda: work("d")) == "d"  # past ttl_s: run again
+        with pytest.raises(RuntimeError):
+            await calls.run("bad", lambda: work("boom"))
+        assert await calls.run("bad", lambda: work("fine")) == "fine"  # a failure is not remembered
+        for k in ("x", "y", "z"):
+            await calls.run(k, lambda k=k: work(k))
+        calls._expire()  # (done at every new call)
+        assert len(calls._entries) == 2  # max_entries
+        waiter = asyncio.ensure_future(calls.run("slow", lambda: asyncio.sleep(10, "late")))
+        await asyncio.sleep(0.01)
+        task = calls._entries["slow"].task
+        waiter.cancel()  # the only waiter leaves: the call is cancelled
+        await asyncio.sleep(0.01)
+        assert task.cancelled() and "slow" not in calls._entries
+
+    asyncio.run(main())

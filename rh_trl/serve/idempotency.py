@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
-from collections import OrderedDict
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
@@ -35,21 +35,23 @@ class SharedCalls(Generic[T]):
         self.ttl_s = ttl_s
         self.max_entries = max_entries
         self.reused = 0  # requests answered by a call another request started
-        self._entries: OrderedDict[str, _Entry[T]] = OrderedDict()
+        self._entries: dict[str, _Entry[T]] = {}
+        self._finished: deque[tuple[float, str]] = deque()  # (when, key), oldest first
 
     @staticmethod
     def key(*parts: str, body: bytes) -> str:
         return "\x00".join(parts) + "\x00" + hashlib.sha256(body).hexdigest()
 
     def _expire(self) -> None:
+        """Forget finished calls older than ``ttl_s``, and the oldest ones beyond ``max_entries``."""
         now = time.monotonic()
-        for key in [
-            k
-            for k, e in self._entries.items()
-            if e.finished is not None
-            and (now - e.finished > self.ttl_s or len(self._entries) > self.max_entries)
-        ]:
-            del self._entries[key]
+        while self._finished and (
+            now - self._finished[0][0] > self.ttl_s or len(self._finished) > self.max_entries
+        ):
+            when, key = self._finished.popleft()
+            entry = self._entries.get(key)
+            if entry is not None and entry.finished == when:
+                del self._entries[key]
 
     async def run(self, key: str | None, call: Callable[[], Awaitable[T]]) -> T:
         """``await call()``, or join the call already made under ``key``."""
@@ -79,3 +81,4 @@ class SharedCalls(Generic[T]):
             del self._entries[key]  # a retry runs it again
         else:
             entry.finished = time.monotonic()
+            self._finished.append((entry.finished, key))
