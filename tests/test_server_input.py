@@ -26,7 +26,14 @@ class Length(Reward):
         super().__init__(name="length")
 
     def compute(self, batch):
-        return RewardOutput([float(len(s.response_text)) if s is not None else None for s in batch.samples])
+        return RewardOutput(
+            [
+                (float("nan") if s.response_text == "nan" else float(len(s.response_text)))
+                if s is not None
+                else None
+                for s in batch.samples
+            ]
+        )
 
 
 def length_server(**overrides) -> ThreadServer:
@@ -248,3 +255,9 @@ def test_api_key_on_the_command_line_warns_and_names_the_environment_variable(tm
     monkeypatch.setenv("RH_TRL_API_KEY", "from-env")
     assert cli.main(["serve", "--config", str(path)]) == 0
     assert capsys.readouterr().err == "" and started[1].resolved_api_key() == "from-env"
+
+
+def test_a_nan_reward_is_answered_as_null(srv):
+    answer = httpx.post(srv.url + "/v1/rewards", json={"prompts": ["a", "b"], "completions": ["nan", "xy"]})
+    assert answer.status_code == 200 and answer.json()["rewards"] == [None, 2.0]
+    assert answer.json()["num_none"] == 1

@@ -25,6 +25,7 @@ import contextlib
 import hmac
 import json
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Awaitable
 from typing import Any
@@ -229,7 +230,13 @@ class RewardServer:
         def call() -> Awaitable[RewardOutput]:
             return self.backend.score(name, prompts, completions, columns)
 
-        return await until_disconnected(request, self.calls.run(key, call))
+        output = await until_disconnected(request, self.calls.run(key, call))
+        nonfinite = sum(r is not None and not math.isfinite(r) for r in output.rewards)
+        if nonfinite:  # JSON has no NaN: "no reward", as TRL reads NaN
+            logger.warning("%s: %d reward(s) were not finite numbers; answered as null", name, nonfinite)
+            rewards = [r if r is None or math.isfinite(r) else None for r in output.rewards]
+            output = RewardOutput(rewards, output.counts, output.extra)
+        return output
 
 
 async def until_disconnected(request: Request, work: Awaitable[RewardOutput]) -> RewardOutput:
