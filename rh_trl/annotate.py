@@ -324,9 +324,9 @@ def annotate(
         **(fingerprint or {}),
     }
     state = _read_state(out) or {"rows_done": 0, "sizes": {name: 0 for name in OUTPUTS}, "settings": settings}
-    # JSON round trip: the stored settings were written as JSON (tuples became lists)
-    if state["settings"] != json.loads(json.dumps(settings)):
-        changes = "; ".join(settings_changes(state["settings"], json.loads(json.dumps(settings))))
+    expected = json.loads(json.dumps(settings))  # as stored: written as JSON (tuples became lists)
+    if state["settings"] != expected:
+        changes = "; ".join(settings_changes(state["settings"], expected))
         raise ValueError(
             f"{out} holds a run with other settings, so it cannot be resumed: {changes}. "
             "Use a new output_dir, or delete the old one to start over."
