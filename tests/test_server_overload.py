@@ -62,13 +62,13 @@ def tiny_server():
 
 
 def test_a_1mb_prompt_gets_none_at_once_and_its_neighbours_are_scored(tiny_server):
-    models = httpx.get(tiny_server.url + "/v1/models").json()["data"]
-    assert models[0]["max_sample_tokens"] == 4096  # the tiny model's max_position_embeddings
     body = {"prompts": [MB_PROMPT, "Hi there."], "completions": [" ok", " Hello."]}
     start = time.time()
     answer = httpx.post(tiny_server.url + "/v1/rewards", json=body, timeout=60).json()
     took = time.time() - start
     assert took < 10, took  # (was: minutes on one forward pass over ~340k tokens)
+    models = httpx.get(tiny_server.url + "/v1/models").json()["data"]
+    assert models[0]["max_sample_tokens"] == 4096  # the tiny model's max_position_embeddings
     local = build_reward(RewardSpec(name="local", type="tiny", options={"style": "llama", "seed": 0}))
     local = local.score(["Hi there."], [" Hello."])  # the same tiny model, scored in this process
     assert answer["rewards"][0] is None and answer["num_too_long"] == 1 and answer["num_none"] == 1
