@@ -32,8 +32,8 @@ class RewardSpec(BaseModel):
     Limits: a sample with more than ``max_sample_tokens`` tokens (default: the model's context length) gets
     ``None``, counted as ``too_long``; at most ``max_queue_samples`` samples (default: 4 batches) and
     ``max_queue_wait_s`` seconds of work (at the recent throughput) wait at once, beyond that requests get 429
-    with ``Retry-After``; a scoring call running past ``compute_timeout_s`` stops
-    at its next forward pass and its requests get 503.
+    with ``Retry-After``; a scoring call running past ``compute_timeout_s`` stops at its next forward pass and
+    its requests get 503.
     """
 
     model_config = ConfigDict(extra="forbid")
