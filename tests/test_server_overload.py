@@ -320,3 +320,15 @@ def test_shared_calls_join_expire_and_forget_failures():
         assert task.cancelled() and "slow" not in calls._entries
 
     asyncio.run(main())
+
+
+def test_where_the_cap_comes_from(llama_tok):
+    reward = rh_trl.ORM(tiny_reward_model(llama_tok), llama_tok, max_length=64)
+    cap = TokenCap(reward)
+    # max_position_embeddings, not the truncation length
+    assert (cap.max_tokens, cap.source) == (4096, "model")
+    assert cap.too_long(["word " * 200], [" ok"]) == []  # ~200 tokens: truncated by the ORM, not refused
+    assert (TokenCap(reward, 100).max_tokens, TokenCap(reward, 100).source) == (100, "config")
+    no_model = TokenCap(Recording())
+    assert (no_model.max_tokens, no_model.source) == (32768, "fallback") and not no_model.tokenizers
+    assert no_model.too_long(["é" * 16383, "é" * 16384], ["", ""]) == [1]  # UTF-8 bytes: 2 per é, +1 newline

@@ -49,15 +49,17 @@ def reward_tokenizers(reward: Any) -> list[Any]:
 
 
 def context_length(reward: Any) -> int | None:
-    """The longest input the reward's model takes: its ``max_length`` if set, else the model config's
-    ``max_position_embeddings``, else the tokenizer's ``model_max_length`` when that is a real number."""
-    for owner in (reward, getattr(reward, "formatter", None), getattr(reward, "encoder", None)):
-        value = getattr(owner, "max_length", None) if owner is not None else None
-        if isinstance(value, int) and value > 0:
-            return value
+    """The longest input the reward's model takes: the model config's ``max_position_embeddings``; else the
+    reward's ``max_length``; else the tokenizer's ``model_max_length`` when that is a real number. (A
+    ``max_length`` that truncates, as ORM's does, stays in force below the cap: samples between the two are
+    truncated and scored.)"""
     config = getattr(getattr(reward, "model", None), "config", None)
     for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
         value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    for owner in (reward, getattr(reward, "formatter", None), getattr(reward, "encoder", None)):
+        value = getattr(owner, "max_length", None) if owner is not None else None
         if isinstance(value, int) and value > 0:
             return value
     lengths = [getattr(t, "model_max_length", None) for t in reward_tokenizers(reward)]
