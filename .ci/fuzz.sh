@@ -13,10 +13,11 @@ max_time=${FUZZ_MAX_TIME:-180}
 
 port=$(python -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 log=$(mktemp)
+scratch=$(mktemp -d)  # schemathesis keeps a cache in its working directory: not in the checkout
 export RH_TRL_API_KEY=fuzz-key HF_HUB_OFFLINE=1
 python -m rh_trl.cli serve --config configs/serve/tiny.yaml --port "$port" --log-level warning >"$log" 2>&1 &
 server=$!
-trap 'kill "$server" 2>/dev/null || true; wait "$server" 2>/dev/null || true; rm -f "$log"' EXIT
+trap 'kill "$server" 2>/dev/null || true; wait "$server" 2>/dev/null || true; rm -rf "$log" "$scratch"' EXIT
 
 for _ in $(seq 120); do
     python -c "import httpx, sys; httpx.get(sys.argv[1], timeout=1).raise_for_status()" \
@@ -26,10 +27,10 @@ for _ in $(seq 120); do
 done
 
 echo "+ schemathesis: $max_examples examples per operation, at most ${max_time}s"
-"$venv/bin/st" run "http://127.0.0.1:$port/openapi.json" \
+(cd "$scratch" && "$venv/bin/st" run "http://127.0.0.1:$port/openapi.json" \
     --checks not_a_server_error --header "Authorization: Bearer $RH_TRL_API_KEY" \
     --max-examples "$max_examples" --max-time "$max_time" --seed 0 --request-timeout 30 \
-    --workers 1 --no-color --suppress-health-check too_slow,data_too_large --generation-database none
+    --workers 1 --no-color --suppress-health-check too_slow,data_too_large --generation-database none)
 
 if grep -q "Exception in ASGI application" "$log"; then
     cat "$log"
