@@ -82,9 +82,7 @@ def load_prompts(path: str | None, max_rows: int | None = None) -> Dataset:
     return dataset
 
 
-def build_reward_functions(
-    args: RewardArguments, group_size: int | None = None
-) -> tuple[list[Any], list[float], list[Any]]:
+def build_reward_functions(args: RewardArguments) -> tuple[list[Any], list[float], list[Any]]:
     """The reward functions to hand the trainer, their weights, and the callbacks that go with them.
 
     Order of wrapping: offloading acts on the rewards themselves, statistics see the raw values, and
@@ -94,9 +92,7 @@ def build_reward_functions(
     callbacks: list[Any] = []
     if args.offload_rewards:
         callbacks.append(RewardOffloadCallback(rewards, offload_device=args.offload_device))
-    funcs: list[Any] = (
-        [WithStatistics(r, group_size=group_size) for r in rewards] if args.reward_statistics else rewards
-    )
+    funcs: list[Any] = [WithStatistics(r) for r in rewards] if args.reward_statistics else rewards
     if args.normalize_rewards:
         normalizer = RewardNormalizer(funcs, clip=args.normalize_clip)
         callbacks.append(normalizer)

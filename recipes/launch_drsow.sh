@@ -4,11 +4,14 @@
 #
 #   bash recipes/launch_drsow.sh --strong Qwen/Qwen2.5-7B-Instruct --weak Qwen/Qwen2.5-7B \
 #       --strong-gpus 0 --weak-gpus 1 --tp 1 --max-model-len 4096
+#
+# Each server runs its checkpoint's own dtype unless --dtype says otherwise (vLLM's "auto" would downcast a
+# float32 checkpoint), so the rewards equal DrSow(engine="hf")'s. Arguments after -- go to both `vllm serve`s.
 set -euo pipefail
 
 usage() {
   cat <<'USAGE'
-Usage: launch_drsow.sh --strong MODEL --weak MODEL [options]
+Usage: launch_drsow.sh --strong MODEL --weak MODEL [options] [-- VLLM_SERVE_ARGS...]
 
   --strong MODEL           strong model (path or hub id)
   --weak MODEL             weak model (path or hub id)
@@ -20,6 +23,7 @@ Usage: launch_drsow.sh --strong MODEL --weak MODEL [options]
   --tp N                   tensor parallel size of each server (default 1)
   --max-model-len N        longest sequence (prompt + response) in tokens (default 4096)
   --gpu-memory-utilization F   fraction of each GPU a server may take (default 0.9)
+  --dtype DTYPE            weights' dtype (default: each checkpoint's own, read from its config.json)
   --api-key KEY            require this key (sent by DrSow as api_key=)
   --log-dir DIR            where server logs go (default ./drsow-logs)
   --timeout SECONDS        how long to wait for /health (default 900)
@@ -31,7 +35,7 @@ USAGE
 }
 
 STRONG="" WEAK="" STRONG_PORT=8001 WEAK_PORT=8002 HOST=127.0.0.1 STRONG_GPUS=0 WEAK_GPUS=1 TP=1
-MAX_LEN=4096 GPU_UTIL=0.9 API_KEY="" LOG_DIR=./drsow-logs TIMEOUT=900
+MAX_LEN=4096 GPU_UTIL=0.9 API_KEY="" LOG_DIR=./drsow-logs TIMEOUT=900 DTYPE="" PASS=()
 
 while [[ $# -gt 0 ]]; do
   case "$1" in
@@ -48,6 +52,8 @@ while [[ $# -gt 0 ]]; do
     --api-key) API_KEY="$2"; shift 2 ;;
     --log-dir) LOG_DIR="$2"; shift 2 ;;
     --timeout) TIMEOUT="$2"; shift 2 ;;
+    --dtype) DTYPE="$2"; shift 2 ;;
+    --) shift; PASS=("$@"); break ;;
     -h|--help) usage; exit 0 ;;
     *) echo "unknown option: $1 (see --help)" >&2; exit 2 ;;
   esac
@@ -67,17 +73,23 @@ if [[ "$STRONG_PORT" == "$WEAK_PORT" ]]; then
 fi
 mkdir -p "$LOG_DIR"
 
+checkpoint_dtype() {  # model: the dtype its config.json stores (what DrSow's "hf" engine runs it in)
+  python -c 'import sys; from rh_trl.engines.vllm_llm import checkpoint_dtype; print(checkpoint_dtype(sys.argv[1]))' "$1"
+}
+
 start() {  # name model port gpus
   local name="$1" model="$2" port="$3" gpus="$4"
-  local extra=()
+  local extra=() dtype="$DTYPE"
   [[ -n "$API_KEY" ]] && extra+=(--api-key "$API_KEY")
+  [[ -z "$dtype" ]] && dtype=$(checkpoint_dtype "$model")
   CUDA_VISIBLE_DEVICES="$gpus" nohup vllm serve "$model" \
     --host "$HOST" --port "$port" \
     --served-model-name "$name" \
     --tensor-parallel-size "$TP" \
     --max-model-len "$MAX_LEN" \
     --gpu-memory-utilization "$GPU_UTIL" \
-    "${extra[@]}" >"$LOG_DIR/$name.log" 2>&1 &
+    --dtype "$dtype" \
+    "${extra[@]}" "${PASS[@]}" >"$LOG_DIR/$name.log" 2>&1 &
   echo $!
 }
 

@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         model_args.dtype,
         getattr(training_args, "trust_remote_code", False),
     )
-    reward_funcs, weights, callbacks = build_reward_functions(reward_args, group_size=2)
+    reward_funcs, weights, callbacks = build_reward_functions(reward_args)
     training_args.reward_weights = weights
     trainer = OnlineDPOTrainer(
         model=model,

@@ -7,8 +7,8 @@ A causal LM learns to answer ``A`` or ``B`` to one user turn
 
     [CONTEXT] {context} [RESPONSE A] {response_a} [RESPONSE B] {response_b} \\n
 
-rendered exactly as ``rh_trl.PairwisePM`` renders it at inference (the model's chat template with its
-generation prompt, the template's BOS removed, the context flattened by
+rendered exactly as ``rh_trl.PairwisePM`` renders it at inference by default (layout ``"rh_trl"``: the model's
+chat template with its generation prompt, the template's BOS removed, the context flattened by
 :func:`rh_trl.rewards.pairwise.flatten_context`). The loss is on the answer token only. The chosen response goes
 first in a random half of the pairs (seeded; the answer is the letter where it landed), or both orders are used
 (``both_orders: true``). A comparison longer than ``truncation_length`` loses tokens from the

@@ -18,18 +18,18 @@ def _quickstart(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     from rh_trl.serve.config import load_config
 
-    config = load_config(args.config, host=args.host, port=args.port, api_key=args.api_key)
+    try:
+        config = load_config(args.config, host=args.host, port=args.port, api_key=args.api_key)
+        config.check_exposure()
+    except (ValueError, FileNotFoundError) as err:
+        print(f"rh-trl serve: {err}", file=sys.stderr)
+        return 2
     if args.api_key:
         print(
             f"rh-trl serve: warning: --api-key is visible to every user of this machine in the process list; "
             f"export {config.api_key_env}=<key> instead",
             file=sys.stderr,
         )
-    try:
-        config.check_exposure()
-    except ValueError as err:
-        print(f"rh-trl serve: {err}", file=sys.stderr)
-        return 2
     from rh_trl.serve.app import serve
 
     serve(config, log_level=args.log_level)

@@ -25,8 +25,10 @@ A causal LM alone does not say what it was trained for (a next-token PRM, a pair
 policy share architecture and tokenizer), so an unregistered one is an error that says how to choose:
 ``family="prm", kind="next_token"``, the class itself, or :func:`register_model`.
 
-``engine="hf" | "vllm" | "openai"`` is passed to classes that take an ``engine`` argument (PRM, DrSow); a class
-that does not run on the engine asked for is an error listing the engines it does run on. Other keyword arguments
+``engine="hf" | "vllm" | "openai"`` is passed to classes that take an ``engine`` argument (ORM, PRM, DrSow); a
+class that does not run on the engine asked for is an error listing the engines it does run on. With
+``engine="openai"`` the model is a server's URL (or a list of replicas' URLs) and the class is chosen from the
+files of ``tokenizer=``, the model's directory or hub id. Other keyword arguments
 go to the class unchanged and override the registry's options.
 """
 
@@ -38,12 +40,12 @@ import json
 import logging
 import os
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from rh_trl.loading import ModelLoadError, check_model_source, config_dict, is_offline
-from rh_trl.rewards.adapters import ORM_ADAPTERS
+from rh_trl.rewards.adapters import DEFAULT_ADAPTER, ORM_ADAPTERS
 from rh_trl.rewards.base import Reward
 from rh_trl.rewards.cloud import CLoud, CLoudConfig
 from rh_trl.rewards.drsow import DrSow
@@ -180,7 +182,7 @@ register_model("Qwen/Qwen2.5-Math-PRM-*", PRM, kind="separator")
 register_model("Qwen/Qwen2.5-Math-7B-PRM800K", PRM, kind="separator")
 register_model("RLHFlow/Llama3.1-8B-PRM-*", PRM, kind="next_token")
 register_model("peiyi9979/math-shepherd-mistral-7b-prm", PRM, kind="step_tag")
-register_model("RLHFlow/pair-preference-model-*", PairwisePM)
+register_model("RLHFlow/pair-preference-model-*", PairwisePM, layout="rlhflow")  # its card's inference code
 _register_unsupported(
     "Nexusflow/Starling-RM-*",
     "its reward head lives in a standalone script (a causal LM plus a value head), with no from_pretrained class "
@@ -480,6 +482,17 @@ def resolve(model: Any, *, family: str | None = None, **options: Any) -> Resolut
     """
     if family is not None and family not in FAMILIES:
         raise ValueError(f"unknown family {family!r}; expected one of {sorted(FAMILIES)}")
+    if _is_server(model) and family != "drsow":
+        source = options.get("tokenizer")
+        if not isinstance(source, str | os.PathLike):
+            raise ValueError(
+                f"{model!r} is a server, so the reward class is chosen from the model's files: pass "
+                "tokenizer=<the model's directory or hub id> (it is also what rh_trl tokenizes with)"
+            )
+        found = resolve(source, family=family, **options)
+        return replace(
+            found, model=model, reason=f"{found.reason}, read from tokenizer={os.fspath(source)!r}"
+        )
     if family == "drsow" or (isinstance(model, str) and model.casefold() == "drsow"):
         missing = [k for k in ("strong", "weak") if options.get(k) is None]
         if missing:
@@ -541,6 +554,12 @@ def resolve(model: Any, *, family: str | None = None, **options: Any) -> Resolut
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def _is_server(model: Any) -> bool:
+    """A base URL, or a list of them (replicas of a served model)."""
+    urls = [model] if isinstance(model, str) else model if isinstance(model, list | tuple) else []
+    return bool(urls) and all(isinstance(u, str) and u.startswith(("http://", "https://")) for u in urls)
+
+
 def _accepts(target: Any, name: str) -> bool:
     try:
         return name in inspect.signature(target).parameters
@@ -551,16 +570,19 @@ def _accepts(target: Any, name: str) -> bool:
 def supported_engines(target: Any, options: Mapping[str, Any]) -> tuple[str, ...] | None:
     """The engines a reward class runs on (``None``: it takes ``engine=`` and checks the value itself)."""
     if _is_class(target, PRM):
-        return ("hf", "vllm") if options.get("kind", "separator") == "separator" else ("hf",)
+        return ("hf", "vllm", "openai") if options.get("kind", "separator") == "separator" else ("hf",)
     if _is_class(target, DrSow):
         return ("hf", "openai", "vllm")
-    if any(_is_class(target, cls) for cls in (ORM, CLoud, PairwisePM)):
+    if _is_class(target, ORM):
+        return ("hf", "vllm", "openai") if options.get("adapter") in (None, DEFAULT_ADAPTER.name) else ("hf",)
+    if any(_is_class(target, cls) for cls in (CLoud, PairwisePM)):
         return ("hf",)
     return None if _accepts(target, "engine") else ("hf",)
 
 
 _ENGINE_HINTS = {
-    "orm": "to score it from another machine, host it with `rh-trl serve` and call it with rh_trl.RemoteRM",
+    "orm": "its adapter runs the checkpoint's own code; to score it from another machine, host it with "
+    "`rh-trl serve` and call it with rh_trl.RemoteRM",
     "cloud": "its critiques can come from a vLLM server: critique_url=…, critique_model=…",
     "prm": "only separator PRMs (Qwen2.5-Math-PRM style) run on vLLM's pooling runner",
 }

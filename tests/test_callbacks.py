@@ -85,14 +85,36 @@ def test_statistics_equal_hand_computation():
         assert abs(logged[f"reward_stats/fixed_reward/{key}"] - value) < TOL, key
 
 
-def test_statistics_use_token_lengths_and_skip_ragged_groups():
+def test_statistics_use_token_lengths_and_skip_ragged_groups(caplog):
     ids = [[1] * n for n in (5, 1, 2, 8, 3, 3, 9, 4, 2, 2, 6, 1)]
     wrapped = WithStatistics(fixed_reward, group_size=5)  # 12 rows are not whole groups of 5
-    wrapped(["p"] * 12, TEXTS, completion_ids=ids)
+    for _ in range(2):
+        wrapped(["p"] * 12, TEXTS, completion_ids=ids)
     pairs = [(r, len(i)) for r, i in zip(FIXED, ids, strict=False) if r is not None]
     expected = statistics.correlation([r for r, _ in pairs], [float(n) for _, n in pairs])
     assert abs(wrapped.last_stats["length_corr"] - expected) < TOL
-    assert math.isnan(wrapped.last_stats["frac_zero_spread_groups"])
+    assert math.isnan(wrapped.last_stats["frac_zero_spread_groups"])  # not a made-up number, and said once:
+    assert caplog.text.count("frac_zero_spread_groups is not reported: group_size=5 does not divide") == 1
+
+
+def test_zero_spread_groups_by_prompt_in_online_dpo_layout(caplog):
+    """Online DPO scores [p1, p2, p1, p2]: prompt 1's rewards are (1, 1) (flat), prompt 2's (5, 7)."""
+
+    def reward(prompts, completions, **kwargs):
+        return [1.0, 5.0, 1.0, 7.0]
+
+    prompts, completions = ["p1", "p2", "p1", "p2"], ["a", "b", "c", "d"]
+    wrapped = WithStatistics(reward)
+    wrapped(prompts, completions)
+    assert wrapped.last_stats["frac_zero_spread_groups"] == 0.5
+    grpo = WithStatistics(reward)  # the same rewards laid out as GRPO groups [p1, p1, p2, p2]
+    grpo(["p1", "p1", "p2", "p2"], completions)
+    assert grpo.last_stats["frac_zero_spread_groups"] == 0.0
+
+    positional = WithStatistics(reward, group_size=2)  # consecutive pairs mix prompts here: no number
+    positional(prompts, completions)
+    assert math.isnan(positional.last_stats["frac_zero_spread_groups"])
+    assert "completions 0..1 mix different prompts" in caplog.text
 
 
 def test_wrappers_reject_modules_and_wrong_lengths():

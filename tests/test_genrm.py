@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from rh_trl.engines.generation import Generation, HFGenerator
-from rh_trl.engines.http import RetryPolicy
+from rh_trl.engines.http import ModelNotServedError, RetryPolicy
 from rh_trl.formatting import RewardInputError
 from rh_trl.rewards.genrm import GenRM
 from rh_trl.rewards.genrm_templates import (
@@ -200,13 +200,14 @@ def test_server_round_trip(server_url):
     assert rm.score(PROMPTS, COMPLETIONS) == rewards
 
 
-def test_server_rejects_model_name_gives_none(server_url, caplog):
+def test_wrong_model_name_is_a_configuration_error_naming_the_served_ones(server_url):
+    """A 404 for the model's name is not one sample's failure: every request would fail the same way."""
     url, _ = server_url
     rm = GenRM("other-model", base_url=url, retry=FAST_RETRY)
-    with caplog.at_level(logging.ERROR, logger="rh_trl"):
-        assert rm(PROMPTS[:1], COMPLETIONS[:1]) == [None]
-    assert rm.last_stats["num_server_failed"] == 1
-    assert "HTTP 404" in caplog.text
+    with pytest.raises(
+        ModelNotServedError, match=r"does not serve the model 'other-model'; it serves \['judge-7b'\]"
+    ):
+        rm(PROMPTS[:1], COMPLETIONS[:1])
 
 
 def test_server_down_gives_none_counted(caplog):

@@ -171,14 +171,52 @@ def test_server_tokenization_differs_is_a_clear_error(servers, llama_tok, chatml
         drsow(CONV_PROMPTS, CONV_COMPLETIONS)
 
 
-def test_rejected_sequence_gets_none_and_others_are_scored(servers, models, llama_tok, chatml_tok, caplog):
-    """A 400 on a multi-prompt request is narrowed down to the sequence the server refuses."""
+def test_long_sample_fits_the_server_by_default_and_is_refused_alone_otherwise(
+    servers, models, llama_tok, chatml_tok, caplog
+):
+    """max_length defaults to the server's max_model_len - 1 (read from /v1/models): a long prompt is cut from the
+    left; with a larger max_length the long sample gets None for itself (counted as too_long), never sent."""
     long_text = " moon" * 300
     prompts = [*CONV_PROMPTS, [{"role": "user", "content": long_text}]]
     completions = [*CONV_COMPLETIONS, CONV_COMPLETIONS[0]]
     strong, weak = models
+    expected = local(models, llama_tok, chatml_tok)(CONV_PROMPTS, CONV_COMPLETIONS)
     with start_server(strong, llama_tok, max_model_len=128) as short:
         drsow = remote((short.url, servers[1]), llama_tok, chatml_tok, batch_size=4)
+        scores = drsow(prompts, completions)
+        assert drsow.encoders["strong"].formatter.max_length == 127
+        assert max_diff(scores[:3], expected) <= TOL and scores[3] is not None
+        assert drsow.last_stats["num_truncated"] == 1 and drsow.last_stats["num_too_long"] == 0
+        sent_before = httpx.get(f"{short.url}/stats").json()["sequences"]
+        drsow = remote((short.url, servers[1]), llama_tok, chatml_tok, batch_size=4, max_length=2000)
+        with caplog.at_level(logging.WARNING, logger="rh_trl"):
+            scores = drsow(prompts, completions)
+        assert max_diff(scores[:3], expected) <= TOL and scores[3] is None
+        assert drsow.last_stats["num_too_long"] == 1 and "longer than the 127 tokens" in caplog.text
+        assert (
+            httpx.get(f"{short.url}/stats").json()["sequences"] - sent_before == 3
+        )  # the long one: not sent
+
+
+def test_rejected_sequence_gets_none_and_others_are_scored(servers, models, llama_tok, chatml_tok, caplog):
+    """A 400 on a multi-prompt request is narrowed down to the sequence the server refuses (here a server that
+    does not list its max_model_len, so the client cannot know the limit beforehand)."""
+    long_text = " moon" * 300
+    prompts = [*CONV_PROMPTS, [{"role": "user", "content": long_text}]]
+    completions = [*CONV_COMPLETIONS, CONV_COMPLETIONS[0]]
+    strong, weak = models
+    forward = httpx.AsyncHTTPTransport()
+
+    class NoModelList(httpx.AsyncBaseTransport):
+        async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+            if request.url.path == "/v1/models":
+                return httpx.Response(404, json={"detail": "not here"})
+            response = await forward.handle_async_request(request)
+            await response.aread()
+            return httpx.Response(response.status_code, content=response.content, headers=response.headers)
+
+    with start_server(strong, llama_tok, max_model_len=128) as short:
+        drsow = remote((short.url, servers[1]), llama_tok, chatml_tok, batch_size=4, transport=NoModelList())
         with caplog.at_level(logging.WARNING, logger="rh_trl"):
             scores = drsow(prompts, completions)
     expected = local(models, llama_tok, chatml_tok)(CONV_PROMPTS, CONV_COMPLETIONS)

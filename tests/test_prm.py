@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
 
-from rh_trl.engines.vllm_pooling import VLLMTokenClassifier, step_probabilities
+from rh_trl.engines.vllm_pooling import rows_at_steps
 from rh_trl.formatting import RewardInputError
 from rh_trl.rewards.prm import PRM, QWEN_MATH_SYSTEM_PROMPT
 from rh_trl.rewards.prm_steps import AGGREGATIONS, split_steps
@@ -360,71 +359,33 @@ def test_bad_options_are_refused(qwen_style, rlhflow_style):
     assert not isinstance(PRM(model, tok), torch.nn.Module)
 
 
-# -- vLLM pooling: picking step probabilities from pooled outputs ------------------------------------------------
+# -- vLLM pooling: picking the step rows of a token-level pooling output (the engines: tests/vllm) ------------------
 
 
-def fake_output(ids, data):
-    return SimpleNamespace(prompt_token_ids=list(ids), outputs=SimpleNamespace(data=torch.as_tensor(data)))
-
-
-def test_step_probabilities_all_and_step_pooling():
+def test_rows_at_steps_reads_all_token_and_step_pooled_rows():
     ids = [5, 9, 7, 9, 3, 9]
-    per_token = torch.tensor([[0.9, 0.1], [0.2, 0.8], [0.5, 0.5], [0.7, 0.3], [0.4, 0.6], [0.35, 0.65]])
-    assert step_probabilities(fake_output(ids, per_token), ids, [1, 3, 5], 9) == pytest.approx(
-        [0.8, 0.3, 0.65]
-    )
+    per_token = torch.arange(12, dtype=torch.float32).reshape(6, 2)
+    assert rows_at_steps(per_token, ids, [1, 3, 5], 9, "vLLM").tolist() == per_token[[1, 3, 5]].tolist()
     stepwise = per_token[[1, 3, 5]]
-    assert step_probabilities(fake_output(ids, stepwise), ids, [1, 3, 5], 9) == pytest.approx(
-        [0.8, 0.3, 0.65]
-    )
-    logits = torch.tensor([[0.0, 1.0], [2.0, -1.0], [0.0, 0.0]])
-    by_hand = [1 / (1 + math.exp(-1.0)), 1 / (1 + math.exp(3.0)), 0.5]
-    got = step_probabilities(fake_output(ids, logits), ids, [1, 3, 5], 9, outputs_are_probabilities=False)
-    assert got == pytest.approx(by_hand, abs=1e-6)
-    with pytest.raises(ValueError, match="do not sum to 1"):
-        step_probabilities(fake_output(ids, logits), ids, [1, 3, 5], 9)
+    assert rows_at_steps(stepwise, ids, [1, 3, 5], 9, "vLLM").tolist() == stepwise.tolist()
     with pytest.raises(ValueError, match="position 2 does not hold the step token id 9"):
-        step_probabilities(fake_output(ids, per_token), ids, [1, 2], 9)
-    with pytest.raises(ValueError, match="other tokens"):
-        step_probabilities(fake_output(ids[::-1], per_token), ids, [1, 3, 5], 9)
+        rows_at_steps(per_token, ids, [1, 2], 9, "vLLM")
+    # a server that pools only at another token id (vLLM's default for Qwen2ForProcessRewardModel) returns no row
+    with pytest.raises(ValueError, match=r"0 rows for 6 tokens and 3 steps.*tok_pooling_type.*ALL"):
+        rows_at_steps(per_token[:0], ids, [1, 3, 5], 9, "vLLM")
 
 
-class FakePoolingLLM:
-    """Stands in for ``vllm.LLM(runner="pooling")``: per-token softmax of a transformers token classifier."""
-
-    def __init__(self, model):
-        self.model = model
-        self.calls: list[dict] = []
-
-    @torch.no_grad()
-    def encode(self, prompts, pooling_task=None, use_tqdm=True):
-        self.calls.append({"n": len(prompts), "pooling_task": pooling_task})
-        out = []
-        for p in prompts:
-            probs = self.model(torch.tensor([p["prompt_token_ids"]])).logits[0].softmax(-1)
-            out.append(fake_output(p["prompt_token_ids"], probs))
-        return out
-
-
-def test_vllm_engine_matches_reference(qwen_style):
-    model, tok = qwen_style
-    llm = FakePoolingLLM(model)
-    prm = PRM("unused-path", tok, engine=VLLMTokenClassifier(llm=llm))
-    steps = prm.score_steps(CONV_PROMPTS, CONV_COMPLETIONS)
-    expected = [ref_separator(model, tok, p, c) for p, c in zip(CONV_PROMPTS, CONV_COMPLETIONS, strict=True)]
-    assert max_diff(steps, expected) <= TOL
-    assert llm.calls == [{"n": 2, "pooling_task": "token_classify"}]
-
-
-def test_vllm_missing_names_the_extra():
+def test_vllm_missing_names_the_extra(tmp_path, qwen_style):
     try:
         import vllm  # noqa: F401
 
         pytest.skip("vllm is installed")
     except ImportError:
         pass
+    model, tok = qwen_style
+    model.save_pretrained(tmp_path)
     with pytest.raises(ImportError, match=r"rh_trl\[vllm\]"):
-        VLLMTokenClassifier("some/model")
+        PRM(str(tmp_path), tok, engine="vllm")
 
 
 # -- a real trainer -----------------------------------------------------------------------------------------------

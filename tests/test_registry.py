@@ -8,6 +8,7 @@ offline from a hub cache laid out as ``hf download`` leaves it.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 from pathlib import Path
@@ -25,7 +26,11 @@ from rh_trl.registry import (
     register_model,
     resolve,
 )
+from rh_trl.rewards.pairwise import LAYOUTS
 from rh_trl.testing import bpe_tokenizer, tiny_causal_lm, tiny_llama_config, tiny_reward_model
+from tests.checkpoint_code import QWEN_PRM_MODEL_CODE, QWEN_RM_CONFIG_CODE
+
+from .rlhflow_card import card_ids, llama3_tokenizer
 
 TOL = 1e-5
 SEP = "<extra_0>"
@@ -292,45 +297,6 @@ def test_internlm2_reward_is_orm_with_its_adapter(tmp_path):
 
 # -- Qwen/Qwen2.5-Math-PRM-7B: custom code (AutoModel), "<extra_0>" separator --------------------------------------
 
-QWEN_RM_CONFIG_CODE = """
-from transformers import Qwen2Config
-
-
-class Qwen2RMConfig(Qwen2Config):
-    model_type = "qwen2"
-"""
-
-QWEN_PRM_MODEL_CODE = '''
-import torch
-from transformers import PreTrainedModel, Qwen2Model
-from transformers.modeling_outputs import SequenceClassifierOutputWithPast
-
-from .configuration_qwen2_rm import Qwen2RMConfig
-
-
-class Qwen2ForProcessRewardModel(PreTrainedModel):
-    """Stand-in: two class logits at every position."""
-
-    config_class = Qwen2RMConfig
-    base_model_prefix = "model"
-
-    def __init__(self, config):
-        super().__init__(config)
-        self.model = Qwen2Model(config)
-        self.score = torch.nn.Sequential(
-            torch.nn.Linear(config.hidden_size, config.hidden_size), torch.nn.ReLU(),
-            torch.nn.Linear(config.hidden_size, 2),
-        )
-        self.post_init()
-
-    def get_input_embeddings(self):
-        return self.model.get_input_embeddings()
-
-    def forward(self, input_ids, attention_mask=None, **kwargs):
-        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        return SequenceClassifierOutputWithPast(logits=self.score(hidden) * 50.0)
-'''
-
 
 def qwen_config(tok, **fields) -> dict:
     from transformers import Qwen2Config
@@ -374,8 +340,9 @@ def test_qwen_math_prm_custom_code_is_separator_prm(tmp_path, sep_tok):
         <= TOL
     )
     assert len({round(x, 6) for s in got for x in s}) > 1  # the steps get different scores
-    with pytest.raises(ImportError, match=r"rh_trl\[vllm\]"):  # engine="vllm" reaches PRM's vLLM engine
-        load(str(path), engine="vllm")
+    if importlib.util.find_spec("vllm") is None:  # engine="vllm" reaches PRM's vLLM engine
+        with pytest.raises(ImportError, match=r"rh_trl\[vllm\]"):
+            load(str(path), engine="vllm")
 
 
 def test_token_classification_with_separator_is_separator_prm(tmp_path, sep_tok, chatml_tok):
@@ -436,13 +403,20 @@ def test_math_shepherd_by_hub_id_is_step_tag_prm(hub_cache):
     assert all(0 < x < 1 for s in prm.score_steps(PROMPTS, COMPLETIONS) for x in s)
 
 
-def test_pair_preference_model_by_hub_id_is_pairwise(hub_cache, llama_tok):
+def test_pair_preference_model_by_hub_id_is_pairwise_with_its_cards_layout(hub_cache):
     repo = "RLHFlow/pair-preference-model-LLaMA3-8B"
-    save(tiny_causal_lm(llama_tok, seed=5, **SMALL), llama_tok, snapshot_dir(hub_cache, repo))
+    tok = llama3_tokenizer()
+    snapshot = save(tiny_causal_lm(tok, seed=5, **SMALL), tok, snapshot_dir(hub_cache, repo))
     pm = load(repo, group_size=2)
     assert type(pm) is PairwisePM and pm.group_size == 2  # the caller's options reach the class
+    assert pm.layout == LAYOUTS["rlhflow"]
+    assert pm.encode(PROMPTS[1], "Fast.", "Loud.") == card_ids(tok, PROMPTS[1], "Fast.", "Loud.")
     p = pm.compare(PROMPTS[0], "The moon is bright.", "Cheese.")
     assert 0 < p < 1 and abs(pm.compare(PROMPTS[0], "Cheese.", "The moon is bright.") - (1 - p)) <= 1e-6
+    assert lookup("RLHFlow/pair-preference-model-Gemma-2B").options == {"layout": "rlhflow"}  # siblings too
+    assert load(repo, layout="rh_trl").layout == LAYOUTS["rh_trl"]  # and the caller can choose
+    for source in (repo, str(snapshot)):  # built directly, the class asks the registry for the layout too
+        assert PairwisePM(source).layout == LAYOUTS["rlhflow"]
 
 
 # -- CLoud -----------------------------------------------------------------------------------------------------------
@@ -579,7 +553,7 @@ def test_engines_a_class_does_not_run_on(tmp_path, llama_tok, chatml_tok, hub_ca
     with pytest.raises(
         ValueError, match=r"ORM \(orm\) does not run on engine='vllm'; engines it supports: \['hf'\]"
     ):
-        load(str(rm_path), engine="vllm")
+        load(str(rm_path), engine="vllm", adapter="armorm")
     repo = "RLHFlow/Llama3.1-8B-PRM-Deepseek-Data"
     save(tiny_causal_lm(llama_tok, **SMALL), llama_tok, snapshot_dir(hub_cache, repo))
     with pytest.raises(ValueError, match=r"prm:next_token.*engine='vllm'; engines it supports: \['hf'\]"):

@@ -112,9 +112,10 @@ def server(rm_minilm, minilm_tok, rm_chatml, chatml_tok):
             "target": "unused:unused",
             "max_wait_ms": 20,
             "strip_suffixes": ["<|im_end|>"],
+            "failure_score": -100.0,
         },
     ]
-    with ThreadServer(server_config(rewards=specs), rewards) as srv:
+    with ThreadServer(server_config(rewards=specs, get_reward_default="chatml"), rewards) as srv:
         yield srv
 
 
@@ -195,7 +196,9 @@ def test_verl_adapter_sync_and_async(server, rm_chatml, chatml_tok, monkeypatch)
         for p, c in zip(TEXT_PROMPTS, TEXT_COMPLETIONS, strict=True)
     ]
     sync = [
-        verl.compute_score("gsm8k", c, "42", {"question": p}, url=server.url, model="chatml")
+        verl.compute_score(
+            "gsm8k", c, "42", {"question": p}, url=server.url, model="chatml", prompt_key="question"
+        )
         for p, c in zip(TEXT_PROMPTS, TEXT_COMPLETIONS, strict=True)
     ]
     assert max_diff(sync, expected) <= TOL
@@ -218,8 +221,11 @@ def test_verl_adapter_sync_and_async(server, rm_chatml, chatml_tok, monkeypatch)
         rm_chatml, chat_ids(chatml_tok, CONV_PROMPTS[0], [{"role": "assistant", "content": "Hello."}])
     )
     assert abs(conv - ref) <= TOL
-    with pytest.raises(ValueError, match="extra_info has none of the keys"):
-        verl.compute_score("x", "y", None, {"index": 3})
+    # never a guess: without the prompt key, an error that names the keys there and the setting
+    with pytest.raises(
+        ValueError, match=r"extra_info has no 'prompt' \(it has \['index', 'question'\]\).*prompt_key"
+    ):
+        verl.compute_score("x", "y", None, {"index": 3, "question": "What is 2+2?"})
 
 
 def test_32_clients_20_requests_each_all_correct_in_order(server, rm_chatml, chatml_tok):

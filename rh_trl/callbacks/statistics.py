@@ -5,15 +5,17 @@ unchanged) and reports, for every call, through TRL's ``log_metric`` (GRPO, RLOO
 
     reward_stats/<name>/mean, std, min, max, p10, p50, p90   (over non-None values; std is the population std)
     reward_stats/<name>/frac_none                            (share of completions with no reward)
-    reward_stats/<name>/frac_zero_spread_groups              (share of groups of ``group_size`` completions
-                                                              whose rewards are all equal: no GRPO signal)
+    reward_stats/<name>/frac_zero_spread_groups              (share of prompts whose completions all got
+                                                              the same reward: no GRPO/online DPO signal)
     reward_stats/<name>/length_corr                          (Pearson correlation of reward with completion
                                                               length: a reward-hacking signal)
 
 Length is the number of completion tokens when the trainer passes ``completion_ids``, else characters.
-Groups are consecutive runs of ``group_size`` completions (how GRPO orders a prompt's completions); a group
-needs at least two rewards to count, and a call whose size is not a multiple of ``group_size`` reports NaN for
-the group metric. Undefined (NaN) statistics are not logged. Trainers that pass no ``log_metric`` (online DPO) leave the numbers in ``last_stats``.
+A group is the completions of one prompt wherever they sit in the call (:func:`~rh_trl.grouping.prompt_groups`:
+GRPO's ``[p1, p1, p2, p2]`` and online DPO's ``[p1, p2, p1, p2]`` alike); ``group_size`` switches to consecutive
+runs of that many completions, and a call that does not hold whole runs of one prompt each reports NaN for the
+group metric, with a warning. A group needs at least two rewards to count. Undefined (NaN) statistics are not
+logged. Trainers that pass no ``log_metric`` (online DPO) leave the numbers in ``last_stats``.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ from typing import Any
 import numpy as np
 
 from rh_trl.callbacks._wrapping import call_reward, check_wrappable, reward_name
+from rh_trl.formatting import RewardInputError
+from rh_trl.grouping import prompt_groups
 
 logger = logging.getLogger("rh_trl")
 
@@ -49,9 +53,10 @@ def completion_lengths(
 
 
 def reward_statistics(
-    rewards: Sequence[float | None], lengths: Sequence[float], group_size: int | None
+    rewards: Sequence[float | None], lengths: Sequence[float], groups: Sequence[Sequence[int]] | None
 ) -> dict[str, float]:
-    """The statistics of one call (see the module docstring); NaN where a statistic is undefined."""
+    """The statistics of one call (see the module docstring); NaN where a statistic is undefined. ``groups``
+    holds the indices of each prompt's completions (``None``: the group metric is undefined)."""
     valid = [(float(r), length) for r, length in zip(rewards, lengths, strict=True) if _valid(r)]
     stats: dict[str, float] = {"frac_none": (len(rewards) - len(valid)) / len(rewards) if rewards else NAN}
     values = np.array([v for v, _ in valid], dtype=np.float64)
@@ -62,7 +67,7 @@ def reward_statistics(
     else:
         stats.update({k: NAN for k in ("mean", "std", "min", "max", "p10", "p50", "p90")})
     stats["length_corr"] = _pearson(values, np.array([n for _, n in valid], dtype=np.float64))
-    stats["frac_zero_spread_groups"] = _zero_spread(rewards, group_size)
+    stats["frac_zero_spread_groups"] = _zero_spread(rewards, groups)
     return {k: float(v) for k, v in stats.items()}
 
 
@@ -78,12 +83,14 @@ def _pearson(x: np.ndarray, y: np.ndarray) -> float:
     return float((dx * dy).sum() / denom) if denom > 0 else NAN
 
 
-def _zero_spread(rewards: Sequence[float | None], group_size: int | None, atol: float = 1e-9) -> float:
-    if not group_size or group_size < 2 or len(rewards) % group_size:
+def _zero_spread(
+    rewards: Sequence[float | None], groups: Sequence[Sequence[int]] | None, atol: float = 1e-9
+) -> float:
+    if groups is None:
         return NAN
     flat = counted = 0
-    for start in range(0, len(rewards), group_size):
-        group = [float(r) for r in rewards[start : start + group_size] if _valid(r)]
+    for members in groups:
+        group = [float(rewards[i]) for i in members if _valid(rewards[i])]  # type: ignore[arg-type]
         if len(group) < 2:
             continue
         counted += 1
@@ -96,7 +103,8 @@ class WithStatistics:
 
     Args:
         reward: any TRL reward function (an rh_trl reward or a plain function).
-        group_size: completions per prompt (GRPO's ``num_generations``) for the within-group spread.
+        group_size: by default a group is the completions of one prompt wherever they sit; ``group_size``
+            (GRPO's ``num_generations``) uses consecutive runs of that many completions instead.
         prefix: metric prefix (``reward_stats`` → ``reward_stats/<name>/p50`` …).
     """
 
@@ -111,8 +119,18 @@ class WithStatistics:
         self.prefix = prefix
         self.__name__ = reward_name(reward)
         self.last_stats: dict[str, float] = {}
+        self._warned = False
         if group_size is not None and group_size < 2:
             raise ValueError(f"group_size must be at least 2 (GRPO's num_generations), got {group_size}")
+
+    def _groups(self, prompts: Sequence[Any]) -> list[list[int]] | None:
+        try:
+            return prompt_groups(prompts, self.group_size)
+        except RewardInputError as err:  # a statistic never stops training: NaN, and say why
+            if not self._warned:
+                logger.warning("%s: frac_zero_spread_groups is not reported: %s", self.__name__, err)
+                self._warned = True
+            return None
 
     def __getattr__(self, name: str) -> Any:  # .model, .engine, .score … of the wrapped reward
         if name == "reward":
@@ -128,7 +146,7 @@ class WithStatistics:
     ) -> list[float | None]:
         values = call_reward(self.reward, prompts, completions, completion_ids, kwargs)
         lengths = completion_lengths(completions, completion_ids)
-        self.last_stats = reward_statistics(values, lengths, self.group_size)
+        self.last_stats = reward_statistics(values, lengths, self._groups(prompts))
         log_metric = kwargs.get("log_metric")
         if log_metric is not None:
             for key, value in self.last_stats.items():

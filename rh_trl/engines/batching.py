@@ -1,11 +1,14 @@
-"""Token-budget micro-batching: pure logic, no torch."""
+"""Token-budget micro-batching and per-sequence bookkeeping shared by every engine: pure logic, no torch."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+
+logger = logging.getLogger("rh_trl")
 
 
 def plan_batches(
@@ -82,3 +85,27 @@ class BatchStats:
     def padding_efficiency(self) -> float:
         """Real tokens over tokens processed (1.0 = no padding)."""
         return self.real_tokens / self.padded_tokens if self.padded_tokens else 1.0
+
+
+#: why a sequence got no value from an engine (``None``: it got one)
+Reason = str | None
+
+
+def split_by_length(sequences: Sequence[Sequence[int]], limit: int | None) -> tuple[list[int], list[int]]:
+    """Indices of the sequences of at most ``limit`` tokens, and of the longer ones."""
+    if limit is None:
+        return list(range(len(sequences))), []
+    fits = [i for i, s in enumerate(sequences) if len(s) <= limit]
+    return fits, [i for i, s in enumerate(sequences) if len(s) > limit]
+
+
+def log_too_long(label: str, lengths: Sequence[int], limit: int | None) -> None:
+    if lengths:
+        logger.warning(
+            "%s: %d sequence(s) are longer than the %s tokens the engine takes and get no value (longest: %d); "
+            "set max_length to cut prompts from the left instead",
+            label,
+            len(lengths),
+            limit,
+            max(lengths),
+        )

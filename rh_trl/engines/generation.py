@@ -229,14 +229,17 @@ class ChatClient:
     async def complete(self, messages: Conversation) -> ChatResult:
         """One chat completion; a request that fails for good gives ``ChatResult(None, error=…)``.
 
-        A 401/403 answer (a missing or wrong API key) raises: no retry or fallback can fix it.
+        A 401/403 answer (a missing or wrong API key) raises, and so does a 404 for the model's name
+        (:class:`~rh_trl.engines.http.ModelNotServedError`, naming the served models): no retry can fix those.
         """
         try:
             answer = await self.pool.post(self.PATH, self.payload(messages))
             return self._read(answer)
         except RequestRejected as err:
-            if "HTTP 401:" in str(err) or "HTTP 403:" in str(err):
+            if err.status_code in (401, 403):
                 raise
+            if err.status_code == 404:
+                raise await self.pool.model_not_served(self.model, err, "chat server") from err
             return ChatResult(None, error=f"rejected: {err}")
         except RetriesExhausted as err:
             return ChatResult(None, error=f"failed: {err}")

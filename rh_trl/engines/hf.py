@@ -12,7 +12,14 @@ import torch
 from tqdm.auto import tqdm
 
 from rh_trl.engines import deadline
-from rh_trl.engines.batching import BatchStats, deduplicate, plan_batches
+from rh_trl.engines.batching import (
+    BatchStats,
+    Reason,
+    deduplicate,
+    log_too_long,
+    plan_batches,
+    split_by_length,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +84,16 @@ class HFEngine:
         except (AttributeError, NotImplementedError):
             return next(self.model.parameters()).device
 
+    @property
+    def max_sequence_length(self) -> int | None:
+        """The longest sequence the model's position embeddings cover (``config.max_position_embeddings``), when
+        its config says."""
+        config = getattr(self.model, "config", None)
+        if config is None:  # a wrapper around a model (e.g. one that computes only some logits)
+            config = getattr(getattr(self.model, "model", None), "config", None)
+        value = getattr(config, "max_position_embeddings", None)
+        return value if isinstance(value, int) and value > 0 else None
+
     def run(self, sequences: Sequence[Sequence[int]], read: Reader = read_logits) -> list[torch.Tensor]:
         """Forward every sequence and return, in order, the row ``read`` keeps for it (float32, on CPU)."""
         start = time.perf_counter()
@@ -99,6 +116,21 @@ class HFEngine:
         stats.seconds = time.perf_counter() - start
         self.last_stats = stats
         return [rows[k] for k in inverse]  # type: ignore[misc]
+
+    def run_checked(
+        self, sequences: Sequence[Sequence[int]], read: Reader = read_logits
+    ) -> tuple[list[torch.Tensor | None], list[Reason]]:
+        """:meth:`run`, except that a sequence longer than :attr:`max_sequence_length` gets ``None`` and the
+        reason ``"too_long"`` instead of running (and failing, or reading positions the model never learned)."""
+        limit = self.max_sequence_length
+        fits, too_long = split_by_length(sequences, limit)
+        log_too_long("transformers engine", [len(sequences[i]) for i in too_long], limit)
+        rows = self.run([sequences[i] for i in fits], read) if fits else []
+        out: list[torch.Tensor | None] = [None] * len(sequences)
+        reasons: list[Reason] = ["too_long"] * len(sequences)
+        for i, row in zip(fits, rows, strict=True):
+            out[i], reasons[i] = row, None
+        return out, reasons
 
     def _forward(self, seqs: list[Sequence[int]], read: Reader, stats: BatchStats) -> list[torch.Tensor]:
         longest = max(len(s) for s in seqs)

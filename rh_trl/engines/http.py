@@ -49,7 +49,15 @@ class ServerUnavailable(Exception):
 
 
 class RequestRejected(ValueError):
-    """The server refused the request (4xx); retrying would not help."""
+    """The server refused the request (4xx); retrying would not help. ``status_code`` is the HTTP status."""
+
+    def __init__(self, message: str, status_code: int | None = None) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+
+
+class ModelNotServedError(ValueError):
+    """The server does not serve the model asked for (HTTP 404): a configuration error, raised at once."""
 
 
 class RetriesExhausted(RuntimeError):
@@ -259,7 +267,8 @@ class HTTPPool:
             )
         if response.status_code >= 400:
             raise RequestRejected(
-                f"{url} rejected the request: HTTP {response.status_code}: {response.text[:500]}"
+                f"{url} rejected the request: HTTP {response.status_code}: {response.text[:500]}",
+                status_code=response.status_code,
             )
         try:
             return decode_json(response.content)
@@ -267,6 +276,47 @@ class HTTPPool:
             raise MalformedResponse(
                 f"{url} answered with a body that is not JSON: {response.text[:200]!r}"
             ) from err
+
+    async def get(self, path: str) -> Any:
+        """GET ``<url><path>`` from the first URL that answers 200 (no retries), e.g. a server's ``/v1/models``."""
+        client, _ = self._client()
+        failures = []
+        for url in self.urls:
+            try:
+                response = await client.get(url + path)
+            except (httpx.TransportError, httpx.TimeoutException) as err:
+                failures.append(f"{url}: {type(err).__name__}: {err}")
+                continue
+            if response.status_code == 200:
+                try:
+                    return decode_json(response.content)
+                except ValueError:
+                    failures.append(f"{url}: the answer is not JSON: {response.text[:200]!r}")
+            else:
+                failures.append(f"{url}: HTTP {response.status_code}: {response.text[:200]}")
+        raise ServerUnavailable(f"GET {path} failed on every URL: {'; '.join(failures)}")
+
+    async def served_models(self) -> dict[str, dict[str, Any]]:
+        """The models the server lists at ``/v1/models`` (id → its entry, e.g. ``max_model_len``)."""
+        answer = await self.get("/v1/models")
+        data = answer.get("data") if isinstance(answer, dict) else None
+        if not isinstance(data, list):
+            raise MalformedResponse(f"/v1/models answered without a 'data' list: {str(answer)[:200]}")
+        return {str(m["id"]): m for m in data if isinstance(m, dict) and "id" in m}
+
+    async def model_not_served(
+        self, model: str | None, err: RequestRejected, label: str
+    ) -> ModelNotServedError:
+        """The error for a 404 answer: it names the models the server does serve (when it says)."""
+        try:
+            served = sorted(await self.served_models())
+            listing = f"it serves {served}"
+        except (ServerUnavailable, MalformedResponse) as lookup:
+            listing = f"and /v1/models could not be read ({lookup})"
+        return ModelNotServedError(
+            f"{label} at {self.urls}: the server does not serve the model {model!r}; {listing}. "
+            f"Pass the served model's name (vllm serve --served-model-name sets it). Server said: {err}"
+        )
 
     async def aclose(self) -> None:
         """Close the client of the running event loop."""

@@ -139,18 +139,27 @@ class HFSpanLogprobs:
     """Span log-probs from a causal LM in this process, through :class:`~rh_trl.engines.hf.HFEngine`.
 
     Each sequence is cut after its span (later tokens cannot change earlier log-probs in a causal LM), so
-    sequences that share everything up to the span's end run once.
+    sequences that share everything up to the span's end run once. A sequence longer than the model's
+    position embeddings gets no value (reason ``"too_long"``).
     """
 
     def __init__(self, engine: Any) -> None:
         self.engine = engine
 
+    @property
+    def max_sequence_length(self) -> int | None:
+        return self.engine.max_sequence_length
+
     def span_logprobs(
         self, sequences: Sequence[Sequence[int]], spans: Sequence[tuple[int, int]]
-    ) -> list[list[float]]:
+    ) -> tuple[list[list[float] | None], list[str | None]]:
+        """Log-probs of each span, and per sequence ``None`` or why it got no value."""
         for ids, (start, end) in zip(sequences, spans, strict=True):
             check_span(ids, start, end)
-        rows = self.engine.run(
-            [list(ids[:end]) for ids, (_, end) in zip(sequences, spans, strict=True)], read_token_logprobs
-        )
-        return [row[start:end].tolist() for row, (start, end) in zip(rows, spans, strict=True)]
+        cut = [list(ids[:end]) for ids, (_, end) in zip(sequences, spans, strict=True)]
+        rows, reasons = self.engine.run_checked(cut, read_token_logprobs)
+        values = [
+            None if row is None else row[start:end].tolist()
+            for row, (start, end) in zip(rows, spans, strict=True)
+        ]
+        return values, reasons

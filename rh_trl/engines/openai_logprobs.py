@@ -19,21 +19,20 @@ than 401/403) is retried one sequence per request, and the sequences it still re
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import re
 from collections.abc import Sequence
 from typing import Any
 
-import httpx
-
-from rh_trl.engines.http import HTTPPool, MalformedResponse, RequestRejected, RetriesExhausted, RetryPolicy
+from rh_trl.engines.batching import Reason
+from rh_trl.engines.http import MalformedResponse
 from rh_trl.engines.logprobs import (
     TokenMismatchError,
     check_span,
     describe_mismatch,
     span_from_prompt_logprobs,
 )
+from rh_trl.engines.server_batches import SequenceBatchClient
 
 logger = logging.getLogger("rh_trl")
 
@@ -54,51 +53,30 @@ def _json_prompt_logprobs(entries: Any, ids: list[int]) -> list[float] | None:
     return [float("nan"), *map(float, values)]
 
 
-class OpenAILogprobClient:
+class OpenAILogprobClient(SequenceBatchClient[list[float]]):
     """Reads span log-probs from one OpenAI-compatible server (or several replicas of one model).
 
     Args:
-        urls: base URL(s) of the server, without ``/v1`` (e.g. ``http://127.0.0.1:8000``).
-        model: the served model name sent as ``"model"`` (vLLM uses its only model when left out).
-        api_key: sent as ``Authorization: Bearer <key>``.
-        batch_size: sequences per request.
-        max_concurrency: requests in flight at once.
-        retry: attempts, backoff and per-request timeout.
+        urls, **options: the server(s) and ``model``, ``api_key``, ``batch_size``, ``max_concurrency``, ``retry``,
+            ``transport``, ``label``: see :class:`~rh_trl.engines.server_batches.SequenceBatchClient`.
         use_prompt_logprobs: ask for vLLM's ``prompt_logprobs``; ``False`` uses ``echo`` + ``logprobs``.
         check_token_ids: compare the token ids the server reports with the ones sent.
-        transport: an ``httpx`` transport (tests).
-        label: how this server is named in messages (e.g. ``"strong"``).
     """
 
     PATH = "/v1/completions"
+    reserved_tokens = 1  # max_tokens=1: one slot must stay free
 
     def __init__(
         self,
         urls: str | Sequence[str],
         *,
-        model: str | None = None,
-        api_key: str | None = None,
-        batch_size: int = 16,
-        max_concurrency: int = 8,
-        retry: RetryPolicy | None = None,
         use_prompt_logprobs: bool = True,
         check_token_ids: bool = True,
-        transport: httpx.AsyncBaseTransport | None = None,
-        label: str = "server",
+        **options: Any,
     ) -> None:
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-        self.pool = HTTPPool(
-            urls, api_key=api_key, max_concurrency=max_concurrency, retry=retry, transport=transport
-        )
-        self.model = model
-        self.batch_size = batch_size
+        super().__init__(urls, **options)
         self.use_prompt_logprobs = use_prompt_logprobs
         self.check_token_ids = check_token_ids
-        self.label = label
-
-    def __repr__(self) -> str:
-        return f"OpenAILogprobClient({self.pool.urls}, model={self.model!r})"
 
     # -- requests --------------------------------------------------------------------------------------------
 
@@ -115,52 +93,21 @@ class OpenAILogprobClient:
 
     async def span_logprobs(
         self, sequences: Sequence[Sequence[int]], spans: Sequence[tuple[int, int]]
-    ) -> tuple[list[list[float] | None], list[str | None]]:
+    ) -> tuple[list[list[float] | None], list[Reason]]:
         """Log-probs of each span, and per sequence ``None`` or why it got no value.
 
-        Sequences are cut after their span and each distinct one is sent once.
+        Sequences are cut after their span (later tokens cannot change a causal LM's log-probs before them).
         """
         if len(sequences) != len(spans):
             raise ValueError(f"got {len(sequences)} sequences and {len(spans)} spans; expected one span each")
         for ids, (start, end) in zip(sequences, spans, strict=True):
             check_span(ids, start, end)
-        keys = [tuple(int(t) for t in ids[:end]) for ids, (_, end) in zip(sequences, spans, strict=True)]
-        unique = sorted(dict.fromkeys(keys), key=len)  # similar lengths share a request
-        chunks = [unique[i : i + self.batch_size] for i in range(0, len(unique), self.batch_size)]
-        answers = await asyncio.gather(*(self._score_chunk([list(k) for k in chunk]) for chunk in chunks))
-        by_key: dict[tuple[int, ...], tuple[list[float] | None, str | None]] = {}
-        for chunk, answer in zip(chunks, answers, strict=True):
-            by_key.update(zip(chunk, answer, strict=True))
-        values: list[list[float] | None] = []
-        reasons: list[str | None] = []
-        for key, (start, end) in zip(keys, spans, strict=True):
-            logprobs, reason = by_key[key]
-            values.append(None if logprobs is None else logprobs[start:end])
-            reasons.append(reason)
+        cut = [ids[:end] for ids, (_, end) in zip(sequences, spans, strict=True)]
+        logprobs, reasons = await self.run(cut)
+        values = [
+            None if lp is None else lp[start:end] for lp, (start, end) in zip(logprobs, spans, strict=True)
+        ]
         return values, reasons
-
-    async def _score_chunk(self, prompts: list[list[int]]) -> list[tuple[list[float] | None, str | None]]:
-        """Log-probs of every token (from position 1) of each prompt, or ``(None, reason)``."""
-        try:
-            answer = await self.pool.post(self.PATH, self.payload(prompts))
-        except RetriesExhausted as err:
-            logger.warning(
-                "%s server %s: %d sequence(s) get no log-probs after the last retry: %s",
-                self.label,
-                self.pool.urls,
-                len(prompts),
-                err,
-            )
-            return [(None, "server_failed")] * len(prompts)
-        except RequestRejected as err:
-            if re.search(r"HTTP 40[13]\b", str(err)):
-                raise RequestRejected(f"{self.label} server: check its api_key: {err}") from err
-            if len(prompts) > 1:  # find the sequences the server refuses; score the others
-                parts = await asyncio.gather(*(self._score_chunk([p]) for p in prompts))
-                return [part[0] for part in parts]
-            logger.warning("%s server refused a sequence of %d tokens: %s", self.label, len(prompts[0]), err)
-            return [(None, "server_rejected")]
-        return [(logprobs, None) for logprobs in self.parse(answer, prompts)]
 
     # -- responses -------------------------------------------------------------------------------------------
 
@@ -228,6 +175,3 @@ class OpenAILogprobClient:
                 )
             out.append(float(values[t]))
         return out
-
-    async def aclose(self) -> None:
-        await self.pool.aclose()

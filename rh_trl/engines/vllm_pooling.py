@@ -1,131 +1,236 @@
-"""In-process vLLM pooling engine for token-classification process reward models (Qwen2.5-Math-PRM style).
+"""Reward models on vLLM's pooling runner: raw head outputs, in this process or from ``vllm serve``.
 
-vLLM runs the model with ``runner="pooling"``; ``LLM.encode(prompts, pooling_task="token_classify")`` returns
-one ``PoolingRequestOutput`` per prompt whose ``outputs.data`` is either one row per prompt token (``ALL``
-pooling) or one row per step-tag token (``STEP`` pooling, vLLM's default for ``Qwen2ForProcessRewardModel``).
-Rows are class probabilities (vLLM applies the head's softmax by default). :func:`step_probabilities` reads
-the positive-class probability of each step from either shape, after checking that the output belongs to the
-tokens that were sent.
+Two tasks, both asked with ``use_activation=False`` so that rh_trl applies the same softmax / sigmoid /
+normalization on every engine:
+
+* ``"classify"`` — one row per sequence (``[num_labels]``): sequence-classification reward models, pooled at
+  the last token. In process: ``LLM.encode(pooling_task="classify")``; on a server: ``POST /classify``, whose
+  ``probs`` are the raw logits with ``use_activation: false`` for a head of any size (its defaults are sigmoid
+  for one label and softmax for several, which would be applied twice), with ``num_classes`` to check against
+  the head. verl's reward loop posts the same request.
+* ``"token_classify"`` — one row per token (``[seq, num_labels]``): token-classification PRMs. In process the
+  engine is built with ALL token pooling, so any step separator works (vLLM's default for
+  ``Qwen2ForProcessRewardModel`` keeps only the rows at Qwen's own ``<extra_0>``, id 151651); on a server,
+  ``POST /pooling`` with ``"task": "token_classify"`` (start ``vllm serve`` with
+  ``--pooler-config '{"tok_pooling_type": "ALL"}'`` for such models). :func:`rows_at_steps` reads the step rows
+  from either an all-token or a step-pooled answer.
 
 vLLM is an optional dependency: ``pip install 'rh_trl[vllm]'``.
 """
 
 from __future__ import annotations
 
-import logging
+import os
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
-logger = logging.getLogger(__name__)
+from rh_trl.engines.batching import Reason, deduplicate, log_too_long, split_by_length
+from rh_trl.engines.http import MalformedResponse
+from rh_trl.engines.logprobs import TokenMismatchError
+from rh_trl.engines.server_batches import SequenceBatchClient
+from rh_trl.engines.vllm_llm import InProcessVLLM, import_vllm
+
+PoolingTask = Literal["classify", "token_classify"]
+
+#: the pooler that makes a token-classification model return a row for every token
+ALL_TOKENS = {"tok_pooling_type": "ALL"}
 
 
-def import_vllm() -> Any:
-    """Import vLLM, or raise an ImportError that names the extra to install."""
-    try:
-        import vllm
-    except ImportError as err:
-        raise ImportError(
-            "the vLLM engine needs vLLM, which is not installed: pip install 'rh_trl[vllm]'"
-        ) from err
-    return vllm
+def rows_at_steps(
+    rows: torch.Tensor, input_ids: Sequence[int], positions: Sequence[int], step_token_id: int, where: str
+) -> torch.Tensor:
+    """The rows (``[steps, num_labels]``) of a token-level pooling output at each step position.
 
-
-def step_probabilities(
-    output: Any,
-    input_ids: Sequence[int],
-    positions: Sequence[int],
-    step_token_id: int,
-    positive_index: int = 1,
-    outputs_are_probabilities: bool = True,
-) -> list[float]:
-    """The positive-class probability at each step position of one vLLM pooling output.
-
-    Args:
-        output: a ``PoolingRequestOutput`` (``output.outputs.data``: ``[num_rows, num_labels]``;
-            ``output.prompt_token_ids``: the tokens vLLM scored).
-        input_ids: the tokens that were sent.
-        positions: the index in ``input_ids`` of each step's separator token.
-        step_token_id: the separator's token id (each position is checked against it).
-        positive_index: the class whose probability is the step score.
-        outputs_are_probabilities: rows are already probabilities (vLLM's default activation); ``False``
-            applies a softmax to raw logits.
+    ``rows`` holds one row per token (ALL pooling) or one per step token (STEP pooling with this step token id).
     """
-    sent = list(input_ids)
-    scored = getattr(output, "prompt_token_ids", None)
-    if scored is not None and list(scored) != sent:
-        raise ValueError(
-            "the vLLM output belongs to other tokens than the ones sent (request order mixed up?)"
-        )
     for k, p in enumerate(positions):
-        if not 0 <= p < len(sent) or sent[p] != step_token_id:
+        if not 0 <= p < len(input_ids) or input_ids[p] != step_token_id:
             raise ValueError(f"step {k + 1}: position {p} does not hold the step token id {step_token_id}")
-    data = torch.as_tensor(output.outputs.data, dtype=torch.float32)
-    if data.dim() != 2:
-        raise ValueError(f"expected pooled data of shape [rows, labels], got {tuple(data.shape)}")
-    if data.shape[0] == len(sent):  # ALL pooling: one row per token
-        rows = data[list(positions)]
-    elif data.shape[0] == sum(1 for t in sent if t == step_token_id) == len(positions):
-        rows = data  # STEP pooling: one row per step token, in order
-    else:
-        raise ValueError(
-            f"vLLM returned {data.shape[0]} rows for {len(sent)} tokens and {len(positions)} steps; expected one "
-            "row per token (ALL pooling) or one per step token (STEP pooling with this step token id)"
+    if rows.dim() != 2:
+        raise MalformedResponse(
+            f"{where}: expected pooled rows of shape [rows, labels], got {tuple(rows.shape)}"
         )
-    if outputs_are_probabilities:
-        if not torch.allclose(rows.sum(-1), torch.ones(len(rows)), atol=1e-3):
-            raise ValueError(
-                "the pooled rows are not probabilities (they do not sum to 1); "
-                "pass outputs_are_probabilities=False to apply the softmax here"
-            )
-        probs = rows
-    else:
-        probs = rows.softmax(-1)
-    return [float(x) for x in probs[:, positive_index]]
+    if rows.shape[0] == len(input_ids):
+        return rows[list(positions)]
+    if rows.shape[0] == len(positions) == sum(1 for t in input_ids if t == step_token_id):
+        return rows
+    raise MalformedResponse(
+        f"{where} returned {rows.shape[0]} rows for {len(input_ids)} tokens and {len(positions)} steps; expected "
+        "one row per token. A model pooled by step tokens (vLLM's default for Qwen2ForProcessRewardModel keeps "
+        f"only Qwen's <extra_0>, id 151651; this separator's id is {step_token_id}) must be served with "
+        '--pooler-config \'{"tok_pooling_type": "ALL"}\''
+    )
 
 
-class VLLMTokenClassifier:
-    """A token-classification PRM served by an in-process ``vllm.LLM(model, runner="pooling")``.
+class VLLMPoolingEngine(InProcessVLLM):
+    """A reward model in an in-process ``vllm.LLM(runner="pooling")``, asked for raw head outputs.
 
     Args:
-        model: model path or hub id (ignored when ``llm`` is given).
-        llm: an already-built ``vllm.LLM`` (or an object with the same ``encode`` method).
-        positive_index: the class whose probability is the step score.
-        outputs_are_probabilities: see :func:`step_probabilities`.
-        **llm_kwargs: passed to ``vllm.LLM`` (e.g. ``gpu_memory_utilization``, ``max_model_len``,
-            ``trust_remote_code``).
+        model: a model directory or hub id.
+        task: ``"classify"`` (a row per sequence) or ``"token_classify"`` (a row per token).
+        pooler_config: vLLM's pooler settings (default for ``token_classify``: ALL token pooling).
+        dtype, enable_sleep_mode, **llm_kwargs: see :class:`~rh_trl.engines.vllm_llm.InProcessVLLM`.
     """
 
     def __init__(
         self,
-        model: str | None = None,
+        model: str | os.PathLike,
         *,
-        llm: Any = None,
-        positive_index: int = 1,
-        outputs_are_probabilities: bool = True,
+        task: PoolingTask,
+        pooler_config: dict[str, Any] | Any = None,
         **llm_kwargs: Any,
     ) -> None:
-        if llm is None:
-            if model is None:
-                raise ValueError("pass a model path or hub id, or an already-built llm=")
-            vllm = import_vllm()
-            llm = vllm.LLM(model=model, runner="pooling", **llm_kwargs)
-        self.llm = llm
-        self.positive_index = positive_index
-        self.outputs_are_probabilities = outputs_are_probabilities
+        if task not in ("classify", "token_classify"):
+            raise ValueError(f"task must be 'classify' or 'token_classify', got {task!r}")
+        if pooler_config is None and task == "token_classify":
+            pooler_config = ALL_TOKENS
+        if isinstance(pooler_config, dict):
+            import_vllm()
+            from vllm.config import PoolerConfig
 
-    def score_steps(
-        self, sequences: Sequence[Sequence[int]], positions: Sequence[Sequence[int]], step_token_id: int
-    ) -> list[list[float]]:
-        """The step probabilities of every sequence (one ``encode`` call for the whole list)."""
-        prompts = [{"prompt_token_ids": list(s)} for s in sequences]
-        outputs = self.llm.encode(prompts, pooling_task="token_classify", use_tqdm=False)
-        if len(outputs) != len(prompts):
-            raise ValueError(f"vLLM returned {len(outputs)} outputs for {len(prompts)} prompts")
-        return [
-            step_probabilities(
-                out, seq, pos, step_token_id, self.positive_index, self.outputs_are_probabilities
+            pooler_config = PoolerConfig(**pooler_config)
+        super().__init__(model, runner="pooling", pooler_config=pooler_config, **llm_kwargs)
+        self.task = task
+
+    def run(self, sequences: Sequence[Sequence[int]]) -> tuple[list[torch.Tensor | None], list[Reason]]:
+        """Each sequence's raw head outputs (float32), or ``None`` and the reason (``"too_long"``)."""
+        from vllm import PoolingParams
+        from vllm.inputs import TokensPrompt
+
+        self._check_awake()
+        unique, inverse = deduplicate([tuple(int(t) for t in s) for s in sequences])
+        distinct = [list(sequences[i]) for i in unique]
+        fits, too_long = split_by_length(distinct, self.max_sequence_length)
+        log_too_long(
+            f"vLLM engine {self.name}", [len(distinct[i]) for i in too_long], self.max_sequence_length
+        )
+        outputs = (
+            self.llm.encode(
+                [TokensPrompt(prompt_token_ids=[int(t) for t in distinct[i]]) for i in fits],
+                pooling_task=self.task,
+                pooling_params=PoolingParams(use_activation=False),
+                use_tqdm=False,
             )
-            for out, seq, pos in zip(outputs, sequences, positions, strict=True)
-        ]
+            if fits
+            else []
+        )
+        if len(outputs) != len(fits):
+            raise RuntimeError(f"vLLM returned {len(outputs)} outputs for {len(fits)} prompts")
+        rows: list[torch.Tensor | None] = [None] * len(distinct)
+        reasons: list[Reason] = ["too_long"] * len(distinct)
+        for i, out in zip(fits, outputs, strict=True):
+            scored = getattr(out, "prompt_token_ids", None)
+            if scored is not None and list(scored) != distinct[i]:
+                raise RuntimeError("the vLLM output belongs to other tokens than the ones sent")
+            rows[i] = torch.as_tensor(out.outputs.data, dtype=torch.float32).cpu()
+            reasons[i] = None
+        return [rows[k] for k in inverse], [reasons[k] for k in inverse]
+
+
+class VLLMPoolingClient(SequenceBatchClient[torch.Tensor]):
+    """Raw head outputs from ``vllm serve --runner pooling`` (``/classify``, or ``/pooling`` for token rows).
+
+    Args:
+        urls: base URL(s) of the server (replicas of one model), without ``/v1``.
+        task: ``"classify"`` or ``"token_classify"`` (see the module doc).
+        label, **options: ``model`` (the served name), ``api_key``, ``batch_size``, ``max_concurrency``,
+            ``retry``, ``transport``: see :class:`~rh_trl.engines.server_batches.SequenceBatchClient`.
+    """
+
+    def __init__(
+        self, urls: str | Sequence[str], *, task: PoolingTask, label: str = "reward model", **options: Any
+    ) -> None:
+        if task not in ("classify", "token_classify"):
+            raise ValueError(f"task must be 'classify' or 'token_classify', got {task!r}")
+        super().__init__(urls, label=label, **options)
+        self.task = task
+        self.PATH = "/classify" if task == "classify" else "/pooling"
+
+    def payload(self, prompts: list[list[int]]) -> dict[str, Any]:
+        body: dict[str, Any] = {"input": prompts, "use_activation": False, "add_special_tokens": False}
+        if self.task == "token_classify":
+            body["task"] = "token_classify"
+        if self.model is not None:
+            body["model"] = self.model
+        return body
+
+    def parse(self, answer: Any, prompts: list[list[int]]) -> list[torch.Tensor]:
+        where = f"{self.label} server {self.pool.urls[0]}{self.PATH}"
+        data = answer.get("data") if isinstance(answer, dict) else None
+        if not isinstance(data, list) or len(data) != len(prompts):
+            got = (
+                f"{len(data)} entries" if isinstance(data, list) else f"no 'data' list ({str(answer)[:200]})"
+            )
+            raise MalformedResponse(f"{where}: expected {len(prompts)} entries (one per input), got {got}")
+        if all(isinstance(d, dict) and isinstance(d.get("index"), int) for d in data):
+            data = sorted(data, key=lambda d: d["index"])
+        usage = answer.get("usage")
+        sent = sum(len(p) for p in prompts)
+        if (
+            isinstance(usage, dict)
+            and isinstance(usage.get("prompt_tokens"), int)
+            and usage["prompt_tokens"] != sent
+        ):
+            raise TokenMismatchError(
+                f"{where} scored {usage['prompt_tokens']} prompt tokens but {sent} were sent; it must score the "
+                "token ids exactly as sent (no special tokens added)"
+            )
+        key = "probs" if self.task == "classify" else "data"
+        rows = []
+        for i, entry in enumerate(data):
+            value = entry.get(key) if isinstance(entry, dict) else None
+            try:
+                row = torch.tensor(value, dtype=torch.float32)
+            except (TypeError, ValueError, RuntimeError):
+                raise MalformedResponse(
+                    f"{where}: entry {i} has no numeric '{key}' list: {str(entry)[:200]}"
+                ) from None
+            if row.dim() != (1 if self.task == "classify" else 2):
+                raise MalformedResponse(f"{where}: entry {i}: '{key}' has shape {tuple(row.shape)}")
+            classes = entry.get("num_classes")
+            if isinstance(classes, int) and classes != row.shape[-1]:
+                raise MalformedResponse(
+                    f"{where}: entry {i} says {classes} classes but holds {row.shape[-1]}"
+                )
+            rows.append(row)
+        return rows
+
+
+def engine_argument(engine: Any, task: PoolingTask) -> tuple[str, VLLMPoolingEngine | None]:
+    """A pooling reward's ``engine=``: its kind (``"hf"``, ``"vllm"``, ``"openai"``), and the engine itself when an
+    already-built :class:`VLLMPoolingEngine` was given to share."""
+    if isinstance(engine, VLLMPoolingEngine):
+        if engine.task != task:
+            raise ValueError(
+                f"engine= is a vLLM engine for the task {engine.task!r}; this reward needs {task!r}"
+            )
+        return "vllm", engine
+    if engine not in ("hf", "vllm", "openai"):
+        raise ValueError(f"engine must be 'hf', 'vllm', 'openai' or a VLLMPoolingEngine, got {engine!r}")
+    return engine, None
+
+
+def build_pooling_engine(
+    kind: str,
+    source: Any,
+    task: PoolingTask,
+    *,
+    shared: VLLMPoolingEngine | None = None,
+    dtype: Any = "auto",
+    trust_remote_code: bool = False,
+    vllm_kwargs: dict[str, Any] | None = None,
+    **client_options: Any,
+) -> VLLMPoolingEngine | VLLMPoolingClient:
+    """A pooling reward's vLLM engine: in this process (``"vllm"``; ``source`` a path or hub id) or a client of
+    ``vllm serve`` (``"openai"``; ``source`` the URL(s), ``client_options`` as for :class:`VLLMPoolingClient`)."""
+    if kind == "openai":
+        return VLLMPoolingClient(source, task=task, **client_options)
+    if shared is not None:
+        return shared
+    if not isinstance(source, str | os.PathLike):
+        raise TypeError(f"engine='vllm' loads the model by path or hub id, got a {type(source).__name__}")
+    return VLLMPoolingEngine(
+        source, task=task, dtype=dtype, trust_remote_code=trust_remote_code, **(vllm_kwargs or {})
+    )

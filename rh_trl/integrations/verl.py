@@ -1,9 +1,25 @@
-"""verl custom reward functions backed by an rh_trl reward server.
+"""verl glue: a reward manager that scores the policy's real prompt, and custom reward functions.
 
-verl calls ``compute_score(data_source, solution_str, ground_truth, extra_info=None, **kwargs)`` once per
-response (concurrently in its reward loop); ``compute_score_async`` is the ``async def`` form, which verl awaits
-on its own event loop. Both send the sample to the server's ``POST /v1/rewards``, where concurrent calls are
-batched into full forward passes. In verl's config::
+**The reward manager** (recommended), :class:`RhTrlRewardManager` (in
+:mod:`rh_trl.integrations.verl_reward_manager`, loaded on first use because it subclasses verl's own base): verl
+hands it ``raw_prompt``, the chat messages the policy saw, and it merges verl's concurrent per-sample calls into
+batches. In verl's config::
+
+    reward:
+      reward_manager:
+        source: importlib
+        name: RhTrlRewardManager
+        module: {path: pkg://rh_trl.integrations.verl}
+      reward_kwargs:
+        reward: {type: remote, urls: "http://127.0.0.1:8000", model: tiny}
+        failure_score: 0.0
+
+**Custom reward functions**: verl calls ``compute_score(data_source, solution_str, ground_truth,
+extra_info=None, **kwargs)`` once per response, with the response only (special tokens stripped) and no prompt;
+``compute_score_async`` is the ``async def`` form. Both send the sample to the server's ``POST /v1/rewards``,
+where concurrent calls are batched into full forward passes. The prompt must be in ``extra_info`` under
+``prompt`` (or the key ``prompt_key`` names): these functions never guess it from other keys. In verl's
+config::
 
     custom_reward_function:
       path: pkg://rh_trl.integrations.verl
@@ -20,8 +36,7 @@ keyword            environment variable       meaning
 ``url``            ``RH_TRL_REWARD_URL``      server base URL; several separated by commas
 ``model``          ``RH_TRL_REWARD_MODEL``    the reward's name on the server
 ``api_key``        ``RH_TRL_API_KEY``         bearer key
-``prompt_key``     ``RH_TRL_PROMPT_KEY``      the ``extra_info`` key holding the prompt (default: the
-                                              first of ``prompt``, ``question`` present)
+``prompt_key``     ``RH_TRL_PROMPT_KEY``      the ``extra_info`` key holding the prompt (default ``prompt``)
 ``failure_score``  ``RH_TRL_FAILURE_SCORE``   score for a sample the server could not score; unset: raise
 =================  =========================  =======================================================
 
@@ -42,7 +57,7 @@ from rh_trl.rewards.remote import RemoteRM
 
 logger = logging.getLogger("rh_trl")
 
-PROMPT_KEYS = ("prompt", "question")
+DEFAULT_PROMPT_KEY = "prompt"
 
 _clients: dict[tuple[Any, ...], RemoteRM] = {}
 _clients_lock = threading.Lock()
@@ -78,27 +93,29 @@ def _client(url: str | None, model: str | None, api_key: str | None, retry: Retr
 
 
 def _prompt(extra_info: Any, prompt_key: str | None) -> Any:
-    prompt_key = _setting(prompt_key, "RH_TRL_PROMPT_KEY")
+    key = _setting(prompt_key, "RH_TRL_PROMPT_KEY") or DEFAULT_PROMPT_KEY
     info = extra_info if isinstance(extra_info, dict) else {}
-    keys = (prompt_key,) if prompt_key else PROMPT_KEYS
-    for key in keys:
-        value = info.get(key)
-        if value is not None:
-            return list(value) if not isinstance(value, str) else value
-    raise ValueError(
-        f"the reward model needs the prompt, but extra_info has none of the keys {list(keys)} "
-        f"(it has {sorted(info)}); put the prompt in extra_info when preparing the data, or name the key with "
-        "prompt_key=… / RH_TRL_PROMPT_KEY"
-    )
+    value = info.get(key)
+    if value is None:
+        raise ValueError(
+            f"the reward model needs the prompt the policy saw, but extra_info has no '{key}' (it has "
+            f"{sorted(info)}); put the prompt messages in extra_info['{DEFAULT_PROMPT_KEY}'] when preparing the "
+            "data, name the key that holds them with prompt_key=… (or RH_TRL_PROMPT_KEY), or use "
+            "RhTrlRewardManager, which reads verl's raw_prompt"
+        )
+    return list(value) if not isinstance(value, str) else value
 
 
-def _columns(data_source: Any, ground_truth: Any) -> dict[str, list[Any]]:
-    def plain(value: Any) -> Any:
-        if hasattr(value, "tolist"):  # numpy values from verl's non-tensor batch
-            value = value.tolist()
-        return value if isinstance(value, str | int | float | bool | list | dict | type(None)) else str(value)
+def _plain(value: Any) -> Any:
+    """A JSON-friendly copy of a value from verl's non-tensor batch (numpy values become Python ones)."""
+    if hasattr(value, "tolist"):
+        value = value.tolist()
+    return value if isinstance(value, str | int | float | bool | list | dict | type(None)) else str(value)
 
-    return {"data_source": [plain(data_source)], "ground_truth": [plain(ground_truth)]}
+
+def sample_columns(data_source: Any, ground_truth: Any) -> dict[str, list[Any]]:
+    """One sample's ``data_source`` and ``ground_truth`` as the columns sent with it."""
+    return {"data_source": [_plain(data_source)], "ground_truth": [_plain(ground_truth)]}
 
 
 def _result(value: float | None, rm: RemoteRM, failure_score: float | str | None) -> float:
@@ -133,7 +150,7 @@ async def compute_score_async(
     """verl's custom reward function (async form): the server's reward for ``solution_str``."""
     rm = _client(url, model, api_key, retry)
     prompt = _prompt(extra_info, prompt_key)
-    columns = _columns(data_source, ground_truth)
+    columns = sample_columns(data_source, ground_truth)
     (value,) = await rm([prompt], [solution_str], **columns)
     return _result(value, rm, failure_score)
 
@@ -147,3 +164,16 @@ def compute_score(
 ) -> float:
     """verl's custom reward function (sync form); same settings as :func:`compute_score_async`."""
     return run_sync(compute_score_async(data_source, solution_str, ground_truth, extra_info, **kwargs))
+
+
+def __getattr__(name: str) -> Any:
+    # the manager subclasses verl's RewardManagerBase, so it is imported only when verl's config asks for it
+    if name in ("RhTrlRewardManager", "VerlRewardSettings"):
+        try:
+            from rh_trl.integrations import verl_reward_manager
+        except ImportError as err:
+            raise ImportError(
+                f"rh_trl.integrations.verl.{name} needs verl (0.9 or later) installed: {err}"
+            ) from err
+        return getattr(verl_reward_manager, name)
+    raise AttributeError(f"module 'rh_trl.integrations.verl' has no attribute {name!r}")

@@ -13,6 +13,7 @@ A reward is deliberately *not* an ``nn.Module``: TRL routes modules to its own b
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import threading
@@ -45,6 +46,16 @@ def log_encoding(
             counts["response_truncated"],
             max_length,
         )
+
+
+def reason_counts(reasons: Sequence[str | None], always: Sequence[str] = ()) -> dict[str, int]:
+    """How many sequences got no value from an engine, per reason (``too_long``, ``server_failed``,
+    ``server_rejected``); the keys in ``always`` are reported even when zero."""
+    counts = {key: 0 for key in always}
+    for reason in reasons:
+        if reason is not None:
+            counts[reason] = counts.get(reason, 0) + 1
+    return counts
 
 
 _names_lock = threading.Lock()
@@ -152,6 +163,21 @@ class Reward(ABC):
         """Score prompt/completion pairs outside a trainer (same numbers as calling the reward)."""
         return self(prompts, completions, **columns)
 
+    async def acall(
+        self,
+        prompts: Sequence[Any],
+        completions: Sequence[Any],
+        completion_ids: Sequence[Sequence[int]] | None = None,
+        **kwargs: Any,
+    ) -> list[float | None]:
+        """The reward as a coroutine (runs in a worker thread, so the caller's event loop keeps going)."""
+        return await asyncio.to_thread(self, prompts, completions, completion_ids, **kwargs)
+
+    def as_async(self) -> AsyncReward:
+        """An ``async`` reward function with the same ``__name__``: TRL then computes it concurrently with the
+        other rewards of the step (worth it when the numbers come from servers)."""
+        return AsyncReward(self)
+
     # -- what subclasses implement ----------------------------------------------------------------------------
 
     @abstractmethod
@@ -248,3 +274,20 @@ class Reward(ABC):
         if log_extra is not None:
             for column, values in output.extra.items():
                 log_extra(f"{self.__name__}/{column}", values)
+
+
+class AsyncReward:
+    """A :class:`Reward` as an ``async`` TRL reward function (same ``__name__``, same numbers)."""
+
+    def __init__(self, reward: Reward) -> None:
+        self.reward = reward
+        self.__name__ = reward.__name__
+
+    async def __call__(
+        self,
+        prompts: Sequence[Any],
+        completions: Sequence[Any],
+        completion_ids: Sequence[Sequence[int]] | None = None,
+        **kwargs: Any,
+    ) -> list[float | None]:
+        return await self.reward.acall(prompts, completions, completion_ids, **kwargs)

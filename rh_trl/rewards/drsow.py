@@ -160,7 +160,8 @@ class DrSow(Reward):
 
     Args:
         strong, weak: for ``engine="hf"``, model directories, hub ids or loaded causal LMs; for ``"openai"``,
-            server base URLs (``http://host:port``, one or a list of replicas); for ``"vllm"``, model paths.
+            server base URLs (``http://host:port``, one or a list of replicas); for ``"vllm"``, model paths (or
+            :class:`~rh_trl.engines.vllm_logprobs.VLLMLogprobEngine` s built before, to share them).
         strong_tokenizer, weak_tokenizer: each model's tokenizer (object or path); by default loaded from the
             model path. Required for ``"openai"``.
         engine: ``"hf"``, ``"openai"`` or ``"vllm"``.
@@ -171,11 +172,15 @@ class DrSow(Reward):
         system_prompt: a system message inserted into conversational prompts that have none.
         system_prompt_column: a dataset column holding a system prompt per sample (overrides ``system_prompt``
             where the value is a non-empty string).
-        max_length: longest input per model in tokens; longer samples lose prompt tokens from the left.
+        max_length: longest input per model in tokens; longer samples lose prompt tokens from the left. Default:
+            the longest each engine takes (position embeddings; ``max_model_len - 1`` on vLLM, whose one generated
+            token needs a slot). A sample longer than an engine takes gets ``None`` (``num_too_long``).
         chat_template, strong_chat_template, weak_chat_template, text_as_chat, chat_template_kwargs: see
             :class:`~rh_trl.formatting.ChatFormatter` (the per-model templates override ``chat_template``).
-        device, device_map, dtype, max_tokens_per_batch, max_batch_size, trust_remote_code, progress: the
-            ``"hf"`` engine (as in :class:`~rh_trl.rewards.orm.ORM`).
+        dtype: ``"auto"`` (default) is each checkpoint's own dtype on ``"hf"`` and ``"vllm"`` alike (``config.json``;
+            float32 when it names none), so both give the same numbers; or a dtype name.
+        device, device_map, max_tokens_per_batch, max_batch_size, trust_remote_code, progress: the ``"hf"``
+            engine (as in :class:`~rh_trl.rewards.orm.ORM`).
         strong_model, weak_model, api_key, strong_api_key, weak_api_key, batch_size, max_concurrency, retry,
             use_prompt_logprobs, transport: the ``"openai"`` engine (see
             :class:`~rh_trl.engines.openai_logprobs.OpenAILogprobClient`).
@@ -294,24 +299,27 @@ class DrSow(Reward):
             else:
                 from rh_trl.engines.vllm_logprobs import VLLMLogprobEngine
 
-                tok_path = tokenizer if isinstance(tokenizer, str | os.PathLike) else None
-                self.engines[side] = VLLMLogprobEngine(
-                    os.fspath(source) if isinstance(source, os.PathLike) else source,
-                    tokenizer=os.fspath(tok_path) if tok_path is not None else None,
-                    gpu_memory_utilization=gpu_memory_utilization,
-                    enable_sleep_mode=enable_sleep_mode,
-                    tensor_parallel_size=tensor_parallel_size,
-                    max_model_len=max_model_len,
-                    dtype=str(dtype) if dtype is not None else "auto",
-                    **(vllm_kwargs or {}),
-                )
-                tok = tokenizer if tokenizer is not None and tok_path is None else None
-                if tok is None:
-                    from transformers import AutoTokenizer
-
-                    tok = AutoTokenizer.from_pretrained(
-                        os.fspath(tok_path or source), trust_remote_code=trust_remote_code
+                if isinstance(source, VLLMLogprobEngine):  # an engine built before, shared
+                    self.engines[side], source = source, source.model
+                else:
+                    tok_path = tokenizer if isinstance(tokenizer, str | os.PathLike) else None
+                    llm_options = {
+                        "gpu_memory_utilization": gpu_memory_utilization,
+                        "enable_sleep_mode": enable_sleep_mode,
+                        "tensor_parallel_size": tensor_parallel_size,
+                        "max_model_len": max_model_len,
+                        **(vllm_kwargs or {}),
+                    }
+                    self.engines[side] = VLLMLogprobEngine(
+                        source,
+                        tokenizer=os.fspath(tok_path) if tok_path is not None else None,
+                        dtype=dtype,
+                        trust_remote_code=trust_remote_code,
+                        **llm_options,
                     )
+                tok = load_tokenizer(
+                    tokenizer if tokenizer is not None else source, None, trust_remote_code=trust_remote_code
+                )
                 labels[side] = str(source)
             self.tokenizers[side] = tok
         default = f"drsow_{Path(labels['strong']).name}_vs_{Path(labels['weak']).name}"
@@ -329,6 +337,15 @@ class DrSow(Reward):
             )
             for side in ("strong", "weak")
         }
+        self.max_length_given = max_length is not None
+        if engine != "openai":  # servers say their limit at the first call
+            for side in ("strong", "weak"):
+                self._engine_limit(side, self.engines[side].max_sequence_length)
+
+    def _engine_limit(self, side: str, limit: int | None) -> None:
+        """Default a model's ``max_length`` to the longest sequence its engine takes (when the caller set none)."""
+        if limit is not None and not self.max_length_given:
+            self.encoders[side].formatter.max_length = max(2, limit)
 
     # -- sleep mode (vllm) -------------------------------------------------------------------------------------
 
@@ -347,23 +364,6 @@ class DrSow(Reward):
     def _vllm_engines(self, what: str) -> None:
         if self.engine_kind != "vllm":
             raise RuntimeError(f"{what}() is for engine='vllm'; this DrSow uses engine={self.engine_kind!r}")
-
-    # -- async entry point ---------------------------------------------------------------------------------------
-
-    async def acall(
-        self,
-        prompts: Sequence[Any],
-        completions: Sequence[Any],
-        completion_ids: Sequence[Sequence[int]] | None = None,
-        **kwargs: Any,
-    ) -> list[float | None]:
-        """The reward as a coroutine (runs in a worker thread, so the caller's event loop keeps going)."""
-        return await asyncio.to_thread(self, prompts, completions, completion_ids, **kwargs)
-
-    def as_async(self) -> AsyncDrSow:
-        """An ``async`` reward function with the same ``__name__``: TRL then scores it concurrently with the other
-        rewards of the step."""
-        return AsyncDrSow(self)
 
     # -- scoring ------------------------------------------------------------------------------------------------
 
@@ -487,12 +487,12 @@ class DrSow(Reward):
             for side in ("strong", "weak"):
                 logp[side][i] = self._reduce(values[side][k])  # type: ignore[arg-type]
             rewards[i] = logp["strong"][i] - logp["weak"][i]  # type: ignore[operator]
-        for key in ("server_failed", "server_rejected"):
+        for key in ("too_long", "server_failed", "server_rejected"):
             if self.engine_kind == "openai" or failures.get(key):
                 counts[key] = failures.get(key, 0)
         if failures:
             logger.warning(
-                "%s: %d sample(s) get no reward because a server failed or refused them: %s",
+                "%s: %d sample(s) get no reward (too long for the engine, or a server failed or refused them): %s",
                 self.__name__,
                 sum(failures.values()),
                 failures,
@@ -509,15 +509,20 @@ class DrSow(Reward):
             return run_sync(self._compute_remote(batch))
         spans, todo, counts = self._plan(batch)
         values: dict[str, Sequence[list[float] | None]] = {}
+        reasons: dict[str, Sequence[str | None]] = {}
         for side in ("strong", "weak"):
             sequences, ranges = self._requests(spans[side], todo)
-            values[side] = self.engines[side].span_logprobs(sequences, ranges) if todo else []
-        no_reason = {side: [None] * len(todo) for side in values}
-        return self._finish(batch, spans, todo, values, no_reason, counts)
+            values[side], reasons[side] = (
+                self.engines[side].span_logprobs(sequences, ranges) if todo else ([], [])
+            )
+        return self._finish(batch, spans, todo, values, reasons, counts)
 
     async def _compute_remote(self, batch: Batch) -> RewardOutput:
-        spans, todo, counts = self._plan(batch)
         try:
+            for side in ("strong", "weak"):
+                if not self.max_length_given and self.encoders[side].formatter.max_length is None:
+                    self._engine_limit(side, await self.engines[side].read_max_sequence_length())
+            spans, todo, counts = self._plan(batch)
             answers = await asyncio.gather(
                 *(
                     self.engines[side].span_logprobs(*self._requests(spans[side], todo))
@@ -529,23 +534,6 @@ class DrSow(Reward):
         values = {side: answer[0] for side, answer in zip(("strong", "weak"), answers, strict=True)}
         reasons = {side: answer[1] for side, answer in zip(("strong", "weak"), answers, strict=True)}
         return self._finish(batch, spans, todo, values, reasons, counts)
-
-
-class AsyncDrSow:
-    """A :class:`DrSow` as an ``async`` TRL reward function (same ``__name__``, same numbers)."""
-
-    def __init__(self, reward: DrSow) -> None:
-        self.reward = reward
-        self.__name__ = reward.__name__
-
-    async def __call__(
-        self,
-        prompts: Sequence[Any],
-        completions: Sequence[Any],
-        completion_ids: Sequence[Sequence[int]] | None = None,
-        **kwargs: Any,
-    ) -> list[float | None]:
-        return await self.reward.acall(prompts, completions, completion_ids, **kwargs)
 
 
 def _causal_lm_class() -> Any:

@@ -4,29 +4,41 @@ A pairwise preference model (RLHFlow/pair-preference-model-LLaMA3-8B style) read
 
     [CONTEXT] {context} [RESPONSE A] {A} [RESPONSE B] {B} \\n
 
-rendered with the model's own chat template and its generation prompt, and answers with the token ``A`` or
-``B``. ``P(A better) = softmax(logit_A, logit_B)[A]`` at the last position, averaged over both orders so the
-position bias cancels: ``p = (p_AB + 1 - p_BA) / 2`` (swapping A and B gives exactly ``1 - p``).
+rendered with the model's own chat template, and answers with the token ``A`` or ``B``.
+``P(A better) = softmax(logit_A, logit_B)[A]`` at the last position, averaged over both orders so the position
+bias cancels: ``p = (p_AB + 1 - p_BA) / 2`` (swapping A and B gives exactly ``1 - p``).
 
-The context is the prompt conversation flattened as these models were trained on: ``"\\n"``, then one
-``"\\n\\n<turn> {role}\\n {content}"`` block per message, then ``"\\n\\n\\n"``.
+The context is the prompt conversation flattened into ``<turn> {label}`` blocks. Two layouts (:data:`LAYOUTS`):
 
-As a GRPO reward each completion gets its mean win probability against the other completions of its group,
-or, when the dataset has a reference column, its win probability against that reference.
+* ``"rh_trl"`` (what ``recipes/train_pairwise.py`` trains on, and every model's default): ``"\\n"``, one
+  ``"\\n\\n<turn> {role}\\n {content}"`` block per message, ``"\\n\\n\\n"``; the user turn rendered with the
+  template's generation prompt; the BOS the template puts first removed.
+* ``"rlhflow"`` (token for token what the published inference code of ``RLHFlow/pair-preference-model-LLaMA3-8B``
+  builds; the model registry gives it to that hub id, and ``rh_trl.load`` and :class:`PairwisePM` take it
+  from there): ``"\\n"``, one ``"\\n<turn> {label}\\n {content}"`` block per message with the labels
+  ``user``/``assistant`` alternating by position whatever the roles (a system message is the first "user"
+  turn), ``"\\n"`` (what the card's template renders to in transformers); no generation prompt; every BOS text
+  removed.
+
+Each completion is scored against the other completions of its prompt, wherever they sit in the call
+(:func:`~rh_trl.grouping.prompt_groups`: GRPO's groups, online DPO's two completions per prompt) and gets its mean
+win probability; or, when the dataset has a reference column, its win probability against that reference.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
 from rh_trl.engines.hf import HFEngine
-from rh_trl.formatting import RewardInputError, Sample, message_text, to_sample
+from rh_trl.formatting import RewardInputError, message_text, to_sample
+from rh_trl.grouping import prompt_groups
 from rh_trl.loading import load_model, load_tokenizer, padding_id
 from rh_trl.rewards.base import Batch, Reward, RewardOutput
 
@@ -35,11 +47,79 @@ logger = logging.getLogger("rh_trl")
 PAIR_PROMPT = "[CONTEXT] {context} [RESPONSE A] {response_a} [RESPONSE B] {response_b} \n"
 
 
-def flatten_context(prompt: str | list[dict[str, Any]]) -> str:
-    """The prompt conversation as the pairwise model's context (a string prompt is one user turn)."""
-    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-    blocks = "".join(f"\n\n<turn> {m['role']}\n {message_text(m)}" for m in messages)
-    return "\n" + blocks + "\n\n\n"
+@dataclass(frozen=True)
+class PairLayout:
+    """How a comparison is laid out for the model (see the module docstring).
+
+    Attributes:
+        turn: one context turn, with ``{label}`` and ``{content}``; the context is ``"\\n"``, the turns, then
+            ``context_end``.
+        context_end: what closes the context.
+        turn_labels: ``"role"`` labels each turn with its message's role; ``"position"`` labels the turns
+            ``user``, ``assistant``, ``user``, … by position, ignoring the roles.
+        generation_prompt: render the user turn with the template's generation prompt after it.
+        bos: ``"leading"`` removes the BOS text the template puts first; ``"every"`` removes every occurrence
+            of it (``text.replace(bos_token, "")``).
+    """
+
+    turn: str
+    context_end: str
+    turn_labels: Literal["role", "position"]
+    generation_prompt: bool
+    bos: Literal["leading", "every"]
+
+    def context(self, prompt: str | list[dict[str, Any]]) -> str:
+        """The prompt conversation flattened into the context text (a string prompt is one user turn)."""
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+        if self.turn_labels == "role":
+            labels = [m["role"] for m in messages]
+        else:
+            labels = [("user", "assistant")[k % 2] for k in range(len(messages))]
+        turns = (
+            self.turn.format(label=label, content=message_text(m))
+            for label, m in zip(labels, messages, strict=True)
+        )
+        return "\n" + "".join(turns) + self.context_end
+
+
+#: The named layouts. ``"rlhflow"`` is what the card's context template renders to under transformers' chat
+#: template settings (``trim_blocks`` drops the newline after each ``{% … %}`` tag, Jinja the template's last).
+LAYOUTS: dict[str, PairLayout] = {
+    "rh_trl": PairLayout(
+        "\n\n<turn> {label}\n {content}", "\n\n\n", "role", generation_prompt=True, bos="leading"
+    ),
+    "rlhflow": PairLayout(
+        "\n<turn> {label}\n {content}", "\n", "position", generation_prompt=False, bos="every"
+    ),
+}
+
+
+def get_layout(layout: str | PairLayout) -> PairLayout:
+    """A layout by name (or the layout itself); an unknown name is an error that lists the names."""
+    if isinstance(layout, PairLayout):
+        return layout
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown pairwise layout {layout!r}; expected one of {sorted(LAYOUTS)}")
+    return LAYOUTS[layout]
+
+
+def registered_layout(name: str | os.PathLike | None) -> str | PairLayout | None:
+    """The ``layout`` the model registry gives a model's hub id for :class:`PairwisePM` (``name`` is a hub id
+    or a hub-cache snapshot path, e.g. a loaded model's ``name_or_path``); ``None`` when it gives none."""
+    from rh_trl.registry import hub_id_from_path, lookup  # the registry imports this module
+
+    if not name:
+        return None
+    entry = lookup(hub_id_from_path(name) or os.fspath(name))
+    if entry is None or not (isinstance(entry.target, type) and issubclass(entry.target, PairwisePM)):
+        return None
+    return entry.options.get("layout")
+
+
+def flatten_context(prompt: str | list[dict[str, Any]], layout: str | PairLayout = "rh_trl") -> str:
+    """The prompt conversation as the pairwise model's context in ``layout`` (a string prompt is one user
+    turn)."""
+    return get_layout(layout).context(prompt)
 
 
 def response_text(value: Any) -> str:
@@ -68,45 +148,12 @@ class Opponents:
     references: list[Any] | None = None
 
 
-def infer_groups(samples: Sequence[Sample | None], group_size: int | None) -> list[list[int]]:
-    """Split a batch into GRPO groups: ``group_size`` consecutive samples, or runs of identical prompts.
-
-    TRL lays a group out as ``num_generations`` consecutive rows with the same prompt. With an explicit
-    ``group_size`` every group must share one prompt; without one, each run of consecutive identical prompts is a
-    group. Unreadable samples (``None``) are left out of their group.
-    """
-    n = len(samples)
-    keys = [repr(s.prompt) if s is not None else None for s in samples]
-    if group_size is not None:
-        if group_size < 1 or n % group_size:
-            raise RewardInputError(
-                f"group_size={group_size} does not divide the batch of {n} completions; expected the batch "
-                "to hold whole groups of group_size consecutive completions of one prompt (TRL's "
-                "num_generations)"
-            )
-        groups = [list(range(k, k + group_size)) for k in range(0, n, group_size)]
-        for g, members in enumerate(groups):
-            prompts = {keys[i] for i in members if keys[i] is not None}
-            if len(prompts) > 1:
-                raise RewardInputError(
-                    f"group {g} (completions {members[0]}..{members[-1]}) mixes different prompts; with "
-                    f"group_size={group_size} each run of {group_size} consecutive completions must share "
-                    "one prompt"
-                )
-    else:
-        groups, start = [], 0
-        for i in range(1, n + 1):
-            if i == n or keys[i] != keys[start] or keys[i] is None:
-                groups.append(list(range(start, i)))
-                start = i
-    return [[i for i in g if samples[i] is not None] for g in groups]
-
-
 def find_opponents(
     batch: Batch, group_size: int | None, reference_column: str | None, name: str
 ) -> Opponents:
     """The comparisons for a batch: against ``batch.columns[reference_column]`` when the call has that column,
-    else within groups (see :func:`infer_groups`)."""
+    else among the completions of the same prompt (:func:`~rh_trl.grouping.prompt_groups`; ``group_size``
+    switches to consecutive runs)."""
     if reference_column is not None and batch.columns.get(reference_column) is not None:
         refs = list(batch.columns[reference_column])
         if len(refs) != len(batch):
@@ -116,7 +163,8 @@ def find_opponents(
             )
         return Opponents(references=refs)
     try:
-        return Opponents(groups=infer_groups(batch.samples, group_size))
+        prompts = [None if s is None else s.prompt for s in batch.samples]
+        return Opponents(groups=prompt_groups(prompts, group_size))
     except RewardInputError as err:
         raise RewardInputError(f"{name}: {err}") from None
 
@@ -168,21 +216,27 @@ def render_comparison(
     response_a: str,
     response_b: str,
     *,
+    layout: str | PairLayout = "rh_trl",
     chat_template: str | None = None,
     strip_bos: bool = True,
 ) -> str:
     """The text a pairwise model reads for a flattened ``context`` and two response texts (A first): one user
-    turn through the chat template with its generation prompt, a leading BOS removed when ``strip_bos``."""
+    turn through the chat template, with the generation prompt and BOS removal of ``layout`` (``strip_bos=False``
+    keeps the BOS)."""
+    layout = get_layout(layout)
     content = PAIR_PROMPT.format(context=context, response_a=response_a, response_b=response_b)
     text = tokenizer.apply_chat_template(
         [{"role": "user", "content": content}],
         chat_template=chat_template,
         tokenize=False,
-        add_generation_prompt=True,
+        add_generation_prompt=layout.generation_prompt,
     )
     bos = getattr(tokenizer, "bos_token", None)
-    if strip_bos and bos and text.startswith(bos):
-        text = text[len(bos) :]
+    if strip_bos and bos:
+        if layout.bos == "every":
+            text = text.replace(bos, "")
+        elif text.startswith(bos):
+            text = text[len(bos) :]
     return text
 
 
@@ -230,13 +284,17 @@ class PairwisePM(Reward):
         tokenizer: its tokenizer (object or path); by default loaded from ``model``. ``"A"`` and ``"B"`` must
             each be one token.
         name: metric name (default ``pairpm_<model name>``, made unique).
-        group_size: completions per prompt in a GRPO batch (TRL's ``num_generations``); by default each run of
-            consecutive identical prompts is a group.
+        group_size: by default a completion's opponents are the other completions of the same prompt wherever
+            they sit (GRPO's groups, online DPO's pairs); ``group_size`` (TRL's ``num_generations``) uses
+            consecutive runs of that many completions instead, each run of one prompt.
         reference_column: a dataset column with a reference response per row; when a call has it, each
             completion is scored by its win probability against its reference instead of its group.
         temperature: divides the two logits before the softmax.
-        strip_bos: drop the BOS token the template puts first (as the published inference code of
-            RLHFlow's pairwise models does); ``False`` keeps it.
+        layout: ``"rh_trl"`` (what ``recipes/train_pairwise.py`` trains on) or ``"rlhflow"`` (the published
+            inference code of RLHFlow's pairwise models, token for token), or a :class:`PairLayout`; see the
+            module docstring. By default, the layout the model registry gives the model's hub id (``"rlhflow"``
+            for ``RLHFlow/pair-preference-model-*``), else ``"rh_trl"``.
+        strip_bos: remove the BOS text as the layout says; ``False`` keeps it.
         chat_template: a Jinja template to use instead of the tokenizer's.
         max_length: a comparison longer than this many tokens gets no probability (counted as ``too_long``).
         max_tokens_per_batch, max_batch_size, device, device_map, dtype, progress: see :class:`~rh_trl.ORM`.
@@ -252,6 +310,7 @@ class PairwisePM(Reward):
         group_size: int | None = None,
         reference_column: str | None = "reference",
         temperature: float = 1.0,
+        layout: str | PairLayout | None = None,
         strip_bos: bool = True,
         chat_template: str | None = None,
         max_length: int | None = None,
@@ -272,6 +331,8 @@ class PairwisePM(Reward):
             )
         if temperature <= 0:
             raise ValueError(f"temperature must be positive, got {temperature}")
+        if layout is not None:
+            get_layout(layout)  # an unknown name fails before the weights load
         self.model = load_model(
             model,
             AutoModelForCausalLM,
@@ -281,6 +342,9 @@ class PairwisePM(Reward):
             trust_remote_code=trust_remote_code,
         )
         self.tokenizer = load_tokenizer(tokenizer, self.model, trust_remote_code=trust_remote_code)
+        self.layout = get_layout(
+            layout or registered_layout(getattr(self.model, "name_or_path", None)) or "rh_trl"
+        )
         model_name = Path(str(getattr(self.model, "name_or_path", "") or "model")).name
         super().__init__(name=name, default_name=f"pairpm_{model_name}", strict=strict)
         self.template = chat_template or getattr(self.tokenizer, "chat_template", None)
@@ -309,9 +373,10 @@ class PairwisePM(Reward):
         """The text the model reads for one ordered comparison (A first)."""
         return render_comparison(
             self.tokenizer,
-            flatten_context(prompt),
+            self.layout.context(prompt),
             response_text(response_a),
             response_text(response_b),
+            layout=self.layout,
             chat_template=self.template,
             strip_bos=self.strip_bos,
         )
@@ -412,8 +477,8 @@ class PairwisePM(Reward):
         rewards, alone = group_win_rates(groups, prob, n)
         if alone:
             logger.warning(
-                "%s: %d completion(s) have no opponent in their group and get no reward; pass group_size= "
-                "(TRL's num_generations) or give the dataset a '%s' column",
+                "%s: %d completion(s) get no reward: no other completion of their prompt in this call, or none "
+                "of their comparisons scored; a '%s' column compares each completion with a reference",
                 self.__name__,
                 alone,
                 self.reference_column,

@@ -15,6 +15,7 @@ Three families (``kind=``), each laid out as its public checkpoints were trained
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from types import SimpleNamespace
@@ -23,10 +24,11 @@ from typing import Any
 import torch
 
 from rh_trl.engines.hf import HFEngine
-from rh_trl.engines.vllm_pooling import VLLMTokenClassifier
+from rh_trl.engines.http import RetryPolicy, run_sync
+from rh_trl.engines.vllm_pooling import build_pooling_engine, engine_argument, rows_at_steps
 from rh_trl.formatting import RewardInputError
 from rh_trl.loading import config_dict, load_model, load_tokenizer, padding_id
-from rh_trl.rewards.base import Batch, Reward, RewardOutput
+from rh_trl.rewards.base import Batch, Reward, RewardOutput, reason_counts
 from rh_trl.rewards.prm_layout import (
     KINDS,
     Kind,
@@ -129,10 +131,16 @@ class PRM(Reward):
             prompt's own system messages; ``None``/``False`` keeps the prompt as it is).
         aggregation: how step scores become the reward.
         max_length: longest input; longer samples lose prompt tokens from the left (counted as ``num_truncated``);
-            a sample whose steps alone do not fit gets ``None`` (``num_too_long``) — steps are never cut.
-        engine: ``"hf"`` (local transformers), ``"vllm"`` (``separator`` only: in-process vLLM pooling), or a
-            :class:`~rh_trl.engines.vllm_pooling.VLLMTokenClassifier`.
+            a sample whose steps alone do not fit gets ``None`` (``num_too_long``) — steps are never cut. Default:
+            the longest the engine takes (position embeddings; vLLM's ``max_model_len``).
+        engine: ``"hf"`` (local transformers); for ``separator`` PRMs also ``"vllm"`` (in-process vLLM pooling
+            runner, any separator token; or an already-built ``VLLMPoolingEngine`` to share) and ``"openai"``
+            (``vllm serve --runner pooling`` servers, ``model`` being their URL(s); see
+            :mod:`rh_trl.engines.vllm_pooling`). The same numbers from each.
         vllm_kwargs: passed to ``vllm.LLM`` with ``engine="vllm"``.
+        served_model, api_key, batch_size, max_concurrency, retry, transport: the ``"openai"`` engine (see
+            :class:`~rh_trl.engines.vllm_pooling.VLLMPoolingClient`).
+        dtype: ``"auto"`` (default) is the checkpoint's own dtype on every engine; or a dtype name.
         chat_template, chat_template_kwargs: replace the tokenizer's template / pass arguments to it.
         name, strict, progress, device, device_map, dtype, max_tokens_per_batch, max_batch_size,
             trust_remote_code: as for :class:`~rh_trl.rewards.orm.ORM`.
@@ -151,8 +159,14 @@ class PRM(Reward):
         system_prompt: str | bool | None = True,
         aggregation: str = "min",
         max_length: int | None = None,
-        engine: str | VLLMTokenClassifier = "hf",
+        engine: str | Any = "hf",
         vllm_kwargs: dict[str, Any] | None = None,
+        served_model: str | None = None,
+        api_key: str | None = None,
+        batch_size: int = 32,
+        max_concurrency: int = 8,
+        retry: RetryPolicy | None = None,
+        transport: Any = None,
         name: str | None = None,
         max_tokens_per_batch: int = 16384,
         max_batch_size: int | None = None,
@@ -175,27 +189,46 @@ class PRM(Reward):
         if max_length is not None and max_length < 2:
             raise ValueError(f"max_length must be at least 2 tokens, got {max_length}")
         self.max_length = max_length
-        use_vllm = not (isinstance(engine, str) and engine == "hf")
-        if isinstance(engine, str) and engine not in ("hf", "vllm"):
-            raise ValueError(f"engine must be 'hf', 'vllm' or a VLLMTokenClassifier, got {engine!r}")
-        if use_vllm and kind != "separator":
-            raise ValueError(f"engine='vllm' serves kind='separator' PRMs only, not kind={kind!r}")
+        engine, shared = engine_argument(engine, "token_classify")
+        if engine != "hf" and kind != "separator":
+            raise ValueError(f"engine={engine!r} serves kind='separator' PRMs only, not kind={kind!r}")
+        self.engine_kind = engine
 
-        config = config_dict(model)
+        self.model = None
+        limit: int | None = None
+        config = config_dict(model) if engine != "openai" else {}
+        # Qwen2.5-Math-PRM's config names its own code (auto_map): trusted as its model card asks
         remote = trust_remote_code or "Qwen2ForProcessRewardModel" in (config.get("architectures") or [])
-        if use_vllm:
-            if isinstance(engine, VLLMTokenClassifier):
-                self.vllm = engine
-            else:
-                if not isinstance(model, str):
-                    raise ValueError("engine='vllm' needs the model as a path or hub id, not a loaded model")
-                self.vllm = VLLMTokenClassifier(model, trust_remote_code=remote, **(vllm_kwargs or {}))
-            self.model = None
-            source = getattr(model, "name_or_path", model)
-            self.tokenizer = load_tokenizer(tokenizer if tokenizer is not None else source, None)
-            model_name = Path(str(source)).name
+        if engine == "openai" and tokenizer is None:
+            raise ValueError(
+                "engine='openai' needs tokenizer= (an object or a path): tokenization is done here and the "
+                "server is sent token ids"
+            )
+        if engine != "hf":
+            self.engine: Any = build_pooling_engine(
+                engine,
+                model,
+                "token_classify",
+                shared=shared,
+                dtype=dtype,
+                trust_remote_code=remote,
+                vllm_kwargs=vllm_kwargs,
+                model=served_model,
+                api_key=api_key,
+                batch_size=batch_size,
+                max_concurrency=max_concurrency,
+                retry=retry,
+                transport=transport,
+            )
+            self.tokenizer = load_tokenizer(tokenizer if tokenizer is not None else model, None)
+            source = (
+                model if engine == "vllm" else served_model or getattr(self.tokenizer, "name_or_path", "")
+            )
+            model_name = Path(os.fspath(source or "model")).name
+            limit = (
+                self.engine.max_sequence_length if engine == "vllm" else None
+            )  # a server says at the first call
         else:
-            self.vllm = None
             self.model = load_model(
                 model,
                 self._model_class(config),
@@ -219,6 +252,9 @@ class PRM(Reward):
             ]
         if self.model is not None:
             self._build_engine(max_tokens_per_batch, max_batch_size, progress)
+            limit = self.engine.max_sequence_length
+        self.max_length_given = max_length is not None
+        self._engine_limit(limit)
 
     # -- construction helpers ------------------------------------------------------------------------------
 
@@ -287,6 +323,11 @@ class PRM(Reward):
             runner = model
         self.engine = HFEngine(runner, pad, max_tokens_per_batch, max_batch_size, progress=progress)
 
+    def _engine_limit(self, limit: int | None) -> None:
+        """Default ``max_length`` to the longest sequence the engine takes (when the caller set none)."""
+        if limit is not None and not self.max_length_given:
+            self.max_length = limit
+
     # -- scoring ----------------------------------------------------------------------------------------------
 
     def steps_of(self, response: str) -> list[str]:
@@ -332,20 +373,25 @@ class PRM(Reward):
                 out.append(value)
         return out, counts, messages
 
-    def step_scores(self, sequences: list[StepSequence]) -> list[list[float]]:
-        """The score of every step of every sequence."""
-        ids = [s.input_ids for s in sequences]
-        if self.vllm is not None:
-            positions = [s.positions for s in sequences]
-            return self.vllm.score_steps(ids, positions, self.layout.marker_id)
-        rows = self.engine.run(ids, self.read)
-        scores = []
+    def _step_rows(
+        self, sequences: list[StepSequence], rows: Sequence[torch.Tensor | None]
+    ) -> list[list[float] | None]:
+        """Each sequence's step scores from its engine rows (one row per token, or per step token)."""
+        where = f"{self.__name__}: {self.engine_kind} engine"
+        positive = 1 if self.kind == "separator" else 0
+        scores: list[list[float] | None] = []
         for seq, row in zip(sequences, rows, strict=True):
-            probs = row[seq.positions].float().softmax(-1)  # [steps, 2]
-            scores.append([float(p) for p in probs[:, 1 if self.kind == "separator" else 0]])
+            if row is None:
+                scores.append(None)
+                continue
+            if self.engine_kind == "hf":
+                at_steps = row[seq.positions]
+            else:
+                at_steps = rows_at_steps(row, seq.input_ids, seq.positions, self.layout.marker_id, where)
+            scores.append([float(p) for p in at_steps.float().softmax(-1)[:, positive]])
         return scores
 
-    def _score(self, batch: Batch) -> tuple[list[list[float] | None], dict[str, int]]:
+    def _prepare(self, batch: Batch) -> tuple[list[int], list[StepSequence], dict[str, int]]:
         encoded, counts, messages = self.encode(batch)
         if messages:
             logger.warning(
@@ -359,10 +405,45 @@ class PRM(Reward):
                 self.max_length,
             )
         todo = [i for i, e in enumerate(encoded) if e is not None]
+        return todo, [encoded[i] for i in todo], counts  # type: ignore[misc]
+
+    def _finish(
+        self,
+        batch: Batch,
+        todo: list[int],
+        sequences: list[StepSequence],
+        rows: Sequence[torch.Tensor | None],
+        reasons: Sequence[str | None],
+        counts: dict[str, int],
+    ) -> tuple[list[list[float] | None], dict[str, int]]:
         steps: list[list[float] | None] = [None] * len(batch)
-        for i, s in zip(todo, self.step_scores([encoded[i] for i in todo]), strict=True):  # type: ignore[misc]
+        for i, s in zip(todo, self._step_rows(sequences, rows), strict=True):
             steps[i] = s
+        always = ("server_failed", "server_rejected") if self.engine_kind == "openai" else ()
+        for key, n in reason_counts(reasons, always).items():
+            counts[key] = counts.get(key, 0) + n
         return steps, counts
+
+    def _score(self, batch: Batch) -> tuple[list[list[float] | None], dict[str, int]]:
+        if self.engine_kind == "openai":
+            return run_sync(self._score_remote(batch))
+        todo, sequences, counts = self._prepare(batch)
+        ids = [s.input_ids for s in sequences]
+        if self.engine_kind == "hf":
+            rows, reasons = self.engine.run_checked(ids, self.read) if ids else ([], [])
+        else:
+            rows, reasons = self.engine.run(ids) if ids else ([], [])
+        return self._finish(batch, todo, sequences, rows, reasons, counts)
+
+    async def _score_remote(self, batch: Batch) -> tuple[list[list[float] | None], dict[str, int]]:
+        try:
+            if not self.max_length_given and self.max_length is None:
+                self._engine_limit(await self.engine.read_max_sequence_length())
+            todo, sequences, counts = self._prepare(batch)
+            rows, reasons = await self.engine.run([s.input_ids for s in sequences])
+        finally:  # the client belongs to this event loop, which ends with the call
+            await self.engine.aclose()
+        return self._finish(batch, todo, sequences, rows, reasons, counts)
 
     def compute(self, batch: Batch) -> RewardOutput:
         steps, counts = self._score(batch)

@@ -3,7 +3,7 @@
 Routes:
     POST /v1/rewards   {"model", "prompts", "completions", <columns>…} -> {"model", "rewards", "num_none", ["extra"]}
     POST /get_reward   OpenRLHF's remote reward protocol: {"query", "prompts", "labels"} ->
-                       {"rewards", "scores", "extra_logs"}
+                       {"rewards", "scores", "extra_logs"}; only rewards with a failure_score, never null
     GET  /health       liveness (no key needed)
     GET  /v1/models    the hosted rewards and their batching settings
     GET  /metrics      requests, batch sizes, queue depth and latency per reward (JSON)
@@ -142,6 +142,61 @@ def split_query(query: str, prompt: str | None, strip_suffixes: list[str]) -> tu
     return prompt_text, response, matched
 
 
+async def get_reward(
+    server: RewardServer, request: Request, name: str, body: OpenRLHFRequest
+) -> dict[str, Any]:
+    """Score an OpenRLHF request: every query gets a number (the reward's ``failure_score`` where it has no
+    reward), and ``extra_logs`` carries, per query, ``rh_trl/failed`` (1 where the failure score was used) and
+    ``rh_trl/query_without_prompt`` (1 where the query did not start with its prompt and was scored whole)."""
+    spec = server.specs[name]
+    failure_score = float(spec.failure_score)  # type: ignore[arg-type]  # pick_get_reward checked it
+    prompts, completions, without_prompt = [], [], []
+    for i, query in enumerate(body.query):
+        prompt, response, matched = split_query(
+            query, body.prompts[i] if body.prompts else None, spec.strip_suffixes
+        )
+        prompts.append(prompt)
+        completions.append(response)
+        without_prompt.append(0 if matched else 1)
+    columns = {"label": list(body.labels)} if body.labels is not None else {}
+    extra_logs: dict[str, list[Any]] = {}
+    try:
+        output = await server.score(request, name, prompts, completions, columns)
+        values: list[float | None] = list(output.rewards)
+        extra_logs = {
+            key: column
+            for key, column in output.extra.items()
+            if all(isinstance(v, int | float) and not isinstance(v, bool) for v in column)
+        }
+    except (RequestError, ClientGone):
+        raise  # overload (429/503 with Retry-After) and departed clients: not a failed scoring
+    except Exception as err:
+        logger.error("%s: /get_reward scoring of %d queries failed: %r", name, len(prompts), err)
+        values = [None] * len(prompts)
+    failed = [0 if v is not None and math.isfinite(v) else 1 for v in values]
+    rewards = [failure_score if bad else v for v, bad in zip(values, failed, strict=True)]
+    counts = server.counts[name]
+    for key, flags in (("get_reward_failed", failed), ("get_reward_query_without_prompt", without_prompt)):
+        counts[key] = counts.get(key, 0) + sum(flags)
+    if any(failed):
+        logger.warning(
+            "%s: %d of %d /get_reward queries got no reward and were answered failure_score=%s",
+            name,
+            sum(failed),
+            len(failed),
+            failure_score,
+        )
+    if any(without_prompt):
+        logger.warning(
+            "%s: %d /get_reward quer(ies) do not start with their prompt (a truncated prompt?); scored as "
+            "whole texts with an empty prompt",
+            name,
+            sum(without_prompt),
+        )
+    extra_logs.update({"rh_trl/failed": failed, "rh_trl/query_without_prompt": without_prompt})
+    return {"rewards": rewards, "scores": rewards, "extra_logs": extra_logs}
+
+
 # -- the app ----------------------------------------------------------------------------------------------------
 
 
@@ -159,6 +214,8 @@ class RewardServer:
         self.specs: dict[str, RewardSpec] = {s.name: s for s in config.rewards}
         self.backend: ScoringBackend = backend if backend is not None else LocalBackend(config, rewards)
         self.calls: SharedCalls[RewardOutput] = SharedCalls(config.idempotency_ttl_s)
+        self.get_reward_served = [s.name for s in config.rewards if s.failure_score is not None]
+        self.counts: dict[str, dict[str, int]] = {name: {} for name in self.specs}  # counted by the routes
         self.started = time.time()
         self.rejected: dict[int, int] = {}
         self.abandoned = 0
@@ -174,6 +231,21 @@ class RewardServer:
         if model not in self.specs:
             raise RequestError(404, f"unknown model {model!r}; this server hosts {sorted(self.specs)}")
         return model
+
+    def pick_get_reward(self, model: str | None) -> str:
+        """The reward a ``/get_reward`` request is scored with: ``model``, else the configured default (or the
+        only served reward). It must have a ``failure_score``: OpenRLHF cannot take a missing reward."""
+        served = self.get_reward_served
+        why = "OpenRLHF cannot take a missing reward, so a reward is served there only with failure_score"
+        if not served:
+            raise RequestError(404, f"this server serves no reward on /get_reward: {why} in its config")
+        # the config names a default whenever several rewards are hosted and some are served
+        name = self.pick(model or self.config.get_reward_default or served[0])
+        if self.specs[name].failure_score is None:
+            raise RequestError(
+                404, f"reward '{name}' is not served on /get_reward: {why} (served here: {served})"
+            )
+        return name
 
     def check_key(self, request: Request) -> None:
         if self.api_key is None:
@@ -287,6 +359,14 @@ def create_app(
     """Build the FastAPI app for ``config``; ``rewards`` supplies already-built rewards by name, ``backend``
     another scoring backend (default: :class:`~rh_trl.serve.backend.LocalBackend` in this process)."""
     server = RewardServer(config, rewards, backend)
+    if server.get_reward_served:
+        logger.info(
+            "/get_reward serves %s (without ?model=: %s)",
+            server.get_reward_served,
+            config.get_reward_default or server.get_reward_served[0],
+        )
+    else:
+        logger.info("/get_reward is off: no hosted reward has a failure_score")
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -360,32 +440,15 @@ def create_app(
 
     @app.post("/get_reward", openapi_extra=request_body(OpenRLHFRequest))
     async def openrlhf_route(request: Request) -> dict[str, Any]:
-        server.check_key(request)
-        body: OpenRLHFRequest = await server.read(request, OpenRLHFRequest)
-        name = server.pick(body.model if body.model is not None else request.query_params.get("model"))
-        spec = server.specs[name]
-        prompts, completions, unmatched = [], [], 0
-        for i, query in enumerate(body.query):
-            prompt, response, matched = split_query(
-                query, body.prompts[i] if body.prompts else None, spec.strip_suffixes
-            )
-            prompts.append(prompt)
-            completions.append(response)
-            unmatched += not matched
-        if unmatched:
-            logger.warning(
-                "%s: %d /get_reward quer(ies) do not start with their prompt; scored as whole texts",
-                name,
-                unmatched,
-            )
-        columns = {"label": list(body.labels)} if body.labels is not None else {}
-        output = await score(request, name, prompts, completions, columns)
-        extra_logs = {
-            key: values
-            for key, values in output.extra.items()
-            if all(isinstance(v, int | float) or v is None for v in values)
-        }
-        return {"rewards": output.rewards, "scores": output.rewards, "extra_logs": extra_logs}
+        try:
+            server.check_key(request)
+            body: OpenRLHFRequest = await server.read(request, OpenRLHFRequest)
+            name = server.pick_get_reward(body.model or request.query_params.get("model"))
+        except RequestError as err:
+            # OpenRLHF retries a refused request, logs it at INFO and then has no reward for the sample
+            logger.warning("/get_reward refused (%d): %s", err.status, err.message)
+            raise
+        return await get_reward(server, request, name, body)
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
@@ -417,7 +480,10 @@ def create_app(
             "rejected": {str(k): v for k, v in sorted(server.rejected.items())},
             "abandoned": server.abandoned,
             "idempotent_reuses": server.calls.reused,
-            "rewards": server.backend.metrics(),
+            "rewards": {
+                name: {**values, "counts": {**values.get("counts", {}), **server.counts.get(name, {})}}
+                for name, values in server.backend.metrics().items()
+            },
         }
 
     return app

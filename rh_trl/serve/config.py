@@ -56,6 +56,11 @@ class RewardSpec(BaseModel):
     max_queue_samples: int | None = Field(default=None, ge=1)
     max_queue_wait_s: float = Field(default=5.0, gt=0)
     compute_timeout_s: float = Field(default=120.0, gt=0)
+    failure_score: float | None = Field(
+        default=None,
+        description="the score /get_reward answers for a sample this reward could not score (OpenRLHF cannot "
+        "hold a missing reward); a reward without one is not served on /get_reward",
+    )
 
     @model_validator(mode="after")
     def _check_type_fields(self) -> RewardSpec:
@@ -93,6 +98,10 @@ class ServerConfig(BaseModel):
     max_json_depth: int = Field(default=32, ge=2)
     idempotency_ttl_s: float = Field(default=120.0, ge=0)
     rewards: list[RewardSpec] = Field(min_length=1)
+    get_reward_default: str | None = Field(
+        default=None,
+        description="the reward a /get_reward request without ?model= gets (required when several are hosted)",
+    )
 
     @field_validator("rewards")
     @classmethod
@@ -102,6 +111,30 @@ class ServerConfig(BaseModel):
         if duplicates:
             raise ValueError(f"reward names must be unique; repeated: {duplicates}")
         return rewards
+
+    @model_validator(mode="after")
+    def _check_get_reward(self) -> ServerConfig:
+        served = [r.name for r in self.rewards if r.failure_score is not None]
+        default = self.get_reward_default
+        if default is not None:
+            if default not in {r.name for r in self.rewards}:
+                raise ValueError(
+                    f"get_reward_default '{default}' is not a hosted reward; hosted: {[r.name for r in self.rewards]}"
+                )
+            if default not in served:
+                raise ValueError(
+                    f"get_reward_default '{default}' has no failure_score: OpenRLHF cannot take a missing reward, "
+                    "so a reward served on /get_reward needs failure_score: <number> (the score a sample it "
+                    "cannot score gets, counted in extra_logs)"
+                )
+        elif served and len(self.rewards) > 1:
+            raise ValueError(
+                f"this server hosts {len(self.rewards)} rewards and serves {served} on /get_reward but names no "
+                "default: a /get_reward request without ?model= (OpenRLHF's --reward.remote_url as usually "
+                "written) would be refused, and OpenRLHF turns a refused request into a missing reward for "
+                "every sample. Set get_reward_default: <one of " + str(served) + ">"
+            )
+        return self
 
     def resolved_api_key(self) -> str | None:
         """``api_key`` from the file, else from the environment variable ``api_key_env``."""
