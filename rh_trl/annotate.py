@@ -9,12 +9,15 @@ Outputs, in ``output_dir``:
   ``pairs="best_worst"`` one pair per prompt (best vs worst, ties skipped), with ``pairs="all"`` every pair
   whose score difference exceeds ``margin``;
 - ``best_of_n.jsonl``: ``{prompt, response, score, scores}`` (the best response and every score);
-- ``state.json``: rows done and the byte size of each output after the last finished chunk.
+- ``state.json``: rows done, the byte size of each output after the last finished chunk, and the settings
+  of the run (including a SHA-256 of the input rows and, from the command line, of the input file).
 
 Rows are processed in chunks; after each chunk the outputs are appended and flushed, then the state file is
 replaced atomically. A restarted run cuts the outputs back to the sizes the state records (dropping a chunk
 that was half written when the run died) and continues after the recorded rows, so a run killed anywhere and
 restarted writes exactly the rows of an uninterrupted one. Generation is seeded per chunk for the same reason.
+A restart with other settings (rewards, pairing, generation settings such as seed or temperature, or other
+input rows) is refused with an error naming what changed, never mixed into the old output.
 
     rh-trl annotate data.jsonl --output-dir out/ --reward '{"type": "orm", "model": "Skywork/..."}'
     python recipes/annotate.py --config configs/annotate/tiny.yaml
@@ -23,6 +26,8 @@ restarted writes exactly the rows of an uninterrupted one. Generation is seeded 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import inspect
 import itertools
 import json
 import logging
@@ -160,8 +165,14 @@ def combined_scores(
     prompts: Sequence[Any],
     completions: Sequence[Any],
 ) -> list[float | None]:
-    """Weighted sum of the rewards per completion; ``None`` where any reward gave ``None``."""
-    per_reward = [r(prompts=list(prompts), completions=list(completions)) for r in rewards]
+    """Weighted sum of the rewards per completion; ``None`` where any reward gave ``None``. Async rewards
+    (``RemoteRM``) are awaited."""
+    from rh_trl.engines.http import run_sync
+
+    per_reward = []
+    for reward in rewards:
+        values = reward(prompts=list(prompts), completions=list(completions))
+        per_reward.append(run_sync(values) if inspect.isawaitable(values) else values)
     scores: list[float | None] = []
     for values in zip(*per_reward, strict=True):
         if any(v is None or math.isnan(v) for v in values):
@@ -204,6 +215,37 @@ def select(
 
 
 # -- the resumable job ----------------------------------------------------------------------------------------
+
+
+def rows_sha256(rows: Sequence[Mapping[str, Any]]) -> str:
+    """A SHA-256 of the rows' content (canonical JSON; arrays from Parquet as lists)."""
+
+    def plain(value: Any) -> Any:
+        return value.tolist() if hasattr(value, "tolist") else str(value)
+
+    digest = hashlib.sha256()
+    for row in rows:
+        digest.update(json.dumps(row, sort_keys=True, default=plain, ensure_ascii=False).encode() + b"\n")
+    return digest.hexdigest()
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """A SHA-256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def settings_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    """``"key: old -> new"`` for every setting that differs (missing ones shown as ``<unset>``)."""
+    unset = "<unset>"
+    return [
+        f"{key}: {old.get(key, unset)!r} -> {new.get(key, unset)!r}"
+        for key in sorted(set(old) | set(new))
+        if old.get(key, unset) != new.get(key, unset)
+    ]
 
 
 def _read_state(output_dir: Path) -> dict[str, Any] | None:
@@ -263,13 +305,16 @@ def annotate(
         "pairs": pairs,
         "margin": margin,
         "chunk_size": chunk_size,
+        "rows_sha256": rows_sha256(rows),
         **(fingerprint or {}),
     }
     state = _read_state(out) or {"rows_done": 0, "sizes": {name: 0 for name in OUTPUTS}, "settings": settings}
-    if state["settings"] != settings:
+    expected = json.loads(json.dumps(settings))  # as stored: written as JSON (tuples became lists)
+    if state["settings"] != expected:
+        changes = "; ".join(settings_changes(state["settings"], expected))
         raise ValueError(
-            f"{out} holds a run with other settings ({state['settings']}); expected {settings}. "
-            "Use a new output_dir or delete the old one."
+            f"{out} holds a run with other settings, so it cannot be resumed: {changes}. "
+            "Use a new output_dir, or delete the old one to start over."
         )
     for name in OUTPUTS:  # drop whatever a killed run appended after its last finished chunk
         path = out / name
@@ -406,10 +451,12 @@ def run_annotate_command(args: argparse.Namespace) -> AnnotateResult:
     generate = None
     if o["policy"]:
         generate = _policy_generator(o)
+    generation = ("num_samples", "max_new_tokens", "temperature", "seed", "use_vllm")
     fingerprint = {
         "rewards": o["rewards"],
         "policy": o["policy"],
-        "num_samples": o["num_samples"] if o["policy"] else None,
+        **{key: o[key] if o["policy"] else None for key in generation},
+        "input_sha256": file_sha256(o["input"]),
     }
     result = annotate(
         read_rows(o["input"]), o["output_dir"], rewards, weights, pairs=o["pairs"], margin=o["margin"],

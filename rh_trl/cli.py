@@ -27,6 +27,12 @@ def _serve(args: argparse.Namespace) -> int:
 
     config = load_config(args.config, host=args.host, port=args.port, api_key=args.api_key)
     config.check_exposure()
+    if args.api_key:
+        print(
+            "rh-trl serve: warning: --api-key is visible to every user of this machine in the process list; "
+            f"export {config.api_key_env}=<key> instead",
+            file=sys.stderr,
+        )
     from rh_trl.serve.app import serve
 
     serve(config, log_level=args.log_level)
@@ -63,7 +69,12 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--config", required=True, help="a YAML server config (see configs/serve/)")
     srv.add_argument("--host", default=None, help="address to bind (default: the config's, else 127.0.0.1)")
     srv.add_argument("--port", type=int, default=None, help="port (default: the config's, else 8000)")
-    srv.add_argument("--api-key", default=None, help="bearer key clients must send (required off loopback)")
+    srv.add_argument(
+        "--api-key",
+        default=None,
+        help="bearer key clients must send (required off loopback); prefer $RH_TRL_API_KEY, since a command-line "
+        "argument is visible in the process list",
+    )
     srv.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     srv.set_defaults(handler=_serve)
 

@@ -140,3 +140,72 @@ def test_annotate_command_generates_with_policy_and_resumes(tmp_path):
     run(partial)
     assert (partial / "best_of_n.jsonl").read_text() == (tmp_path / "full" / "best_of_n.jsonl").read_text()
     assert (partial / "pairs.jsonl").read_text() == (tmp_path / "full" / "pairs.jsonl").read_text()
+
+
+def test_resume_with_other_rows_names_what_changed(tmp_path):
+    rows = dataset(n=3)
+    annotate(rows[:2], tmp_path, [word_count], chunk_size=1, progress=False)
+    edited = [dict(rows[0]), rows[1]]
+    edited[0]["responses"] = [*edited[0]["responses"][:-1], "a different response"]
+    with pytest.raises(ValueError, match="cannot be resumed: rows_sha256: '[0-9a-f]{64}' -> '[0-9a-f]{64}'"):
+        annotate(edited, tmp_path, [word_count], chunk_size=1, progress=False)
+    assert (
+        annotate(rows[:2], tmp_path, [word_count], chunk_size=1, progress=False).rows == 2
+    )  # same rows: fine
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "changed"),
+    [
+        ("--seed", "1", "seed: 0 -> 1"),
+        ("--temperature", "0.7", "temperature: 1.0 -> 0.7"),
+        ("--max-new-tokens", "5", "max_new_tokens: 6 -> 5"),
+        ("--num-samples", "2", "num_samples: 3 -> 2"),
+        (None, None, "input_sha256"),
+    ],
+)
+def test_annotate_command_refuses_to_resume_with_changed_generation_or_input(tmp_path, flag, value, changed):
+    prompts = tmp_path / "prompts.jsonl"
+    rows = [json.dumps({"prompt": r["prompt"]}) for r in bundled_prompts()[:4]]
+    prompts.write_text("\n".join(rows))
+    parser = argparse.ArgumentParser()
+    add_annotate_command(parser.add_subparsers(dest="command"))
+    common = [
+        "annotate", str(prompts), "--output-dir", str(tmp_path / "out"), "--no-progress",
+        "--reward", '{"type": "orm", "model": "rh_trl:tiny-rm"}', "--policy", "rh_trl:tiny-policy",
+        "--num-samples", "3", "--max-new-tokens", "6", "--chunk-size", "2",
+    ]  # fmt: skip
+    args = parser.parse_args(common)
+    args.func(args)
+    state = json.loads((tmp_path / "out" / "state.json").read_text())
+    state["rows_done"] = 2  # as if killed after the first chunk
+    (tmp_path / "out" / "state.json").write_text(json.dumps(state))
+    if flag is None:
+        prompts.write_text("\n".join([rows[0], rows[1], rows[3], rows[2]]))  # same rows, other order
+        args = parser.parse_args(common)
+    else:
+        args = parser.parse_args([*common, flag, value])
+    with pytest.raises(ValueError, match="cannot be resumed") as err:
+        args.func(args)
+    assert changed in str(err.value)
+    assert len(read(tmp_path / "out" / "best_of_n.jsonl")) == 4  # nothing was mixed in
+
+
+def test_an_async_remote_reward_is_awaited(tmp_path):
+    import httpx
+
+    from rh_trl.rewards.remote import RemoteRM
+
+    def handler(request):
+        body = json.loads(request.content)
+        return httpx.Response(
+            200, json={"rewards": [float(len(c[0]["content"])) for c in body["completions"]]}
+        )
+
+    remote = RemoteRM("http://rm:1", transport=httpx.MockTransport(handler))
+    rows = dataset(n=2)
+    result = annotate(rows, tmp_path, [remote], chunk_size=1, progress=False)
+    best = read(tmp_path / "best_of_n.jsonl")
+    assert result.best == 2
+    for row, picked in zip(rows, best, strict=True):
+        assert picked["scores"] == [float(len(r)) for r in row["responses"]]

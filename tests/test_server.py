@@ -19,7 +19,7 @@ import uvicorn  # noqa: E402
 
 import rh_trl  # noqa: E402
 from rh_trl.rewards.remote import RemoteRM  # noqa: E402
-from rh_trl.serve.app import create_app  # noqa: E402
+from rh_trl.serve.app import create_app, uvicorn_config  # noqa: E402
 from rh_trl.serve.config import ServerConfig, load_config  # noqa: E402
 
 from .conftest import CONV_COMPLETIONS, CONV_PROMPTS, TEXT_COMPLETIONS, TEXT_PROMPTS  # noqa: E402
@@ -41,9 +41,9 @@ class ThreadServer:
 
     def __init__(self, config: ServerConfig, rewards: dict) -> None:
         self.port = free_port()
-        app = create_app(config, rewards)
+        self.app = create_app(config, rewards)
         self.server = uvicorn.Server(
-            uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on")
+            uvicorn_config(self.app, config, host="127.0.0.1", port=self.port, log_level="warning")
         )
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.url = f"http://127.0.0.1:{self.port}"

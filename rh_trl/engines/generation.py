@@ -21,6 +21,7 @@ import httpx
 import torch
 from tqdm.auto import tqdm
 
+from rh_trl.engines import deadline
 from rh_trl.engines.http import HTTPPool, MalformedResponse, RequestRejected, RetriesExhausted, RetryPolicy
 
 logger = logging.getLogger("rh_trl")
@@ -111,6 +112,7 @@ class HFGenerator:
         self.model.eval()
         try:
             for batch in tqdm(batches, desc="generating", unit="batch", disable=not self.progress):
+                deadline.check()
                 seqs = [unique[k] for k in batch]
                 for seq, gen in zip(seqs, self._generate_batch(seqs), strict=True):
                     results[seq] = gen

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from rh_trl.engines import deadline
 from rh_trl.engines.batching import (
     BatchStats,
     Reason,
@@ -37,7 +38,8 @@ class HFEngine:
     Sequences are deduplicated (each distinct one is run once), sorted by length and cut into the micro-batches
     with the least padding whose padded size stays within ``max_tokens_per_batch`` (see
     :func:`~rh_trl.engines.batching.plan_batches`); each batch runs under ``torch.inference_mode`` on
-    the model's device. A CUDA out-of-memory error splits the batch in two and retries.
+    the model's device. A CUDA out-of-memory error splits the batch in two and retries. Before each forward pass
+    the engine checks the thread's :func:`~rh_trl.engines.deadline.deadline` (the reward server sets one per batch).
 
     Every reward family asks this engine for forward passes through a ``read`` function that picks what it
     needs from the outputs (a score per sequence, log-probs of a span, …), so one engine serves them all.
@@ -107,6 +109,7 @@ class HFEngine:
         stats = BatchStats(sequences=len(sequences), unique_sequences=len(unique))
         with torch.inference_mode():
             for batch in tqdm(batches, desc="scoring", unit="batch", disable=not self.progress):
+                deadline.check()
                 seqs = [sequences[unique[j]] for j in batch]
                 for j, row in zip(batch, self._forward(seqs, read, stats), strict=True):
                     rows[j] = row

@@ -2,27 +2,37 @@
 
 One :class:`HTTPPool` per reward: a pooled ``httpx.AsyncClient`` per event loop, a concurrency limit, several
 base URLs used round-robin with failover, timeouts, and retries with exponential backoff and jitter (tenacity)
-on connection errors, timeouts and 5xx answers — never on 4xx, which are the caller's mistake and raise
-:class:`RequestRejected` with the server's message at once. When every attempt failed,
+on connection errors, timeouts, 5xx and 429 answers (a 429's ``Retry-After`` is honoured) — never on other
+4xx, which are the caller's mistake and raise :class:`RequestRejected` with the server's message at once. A URL
+that failed is skipped for a while (:class:`URLHealth`) and probed again later. When every attempt failed,
 :class:`RetriesExhausted` is raised; rewards turn that into ``None`` for the affected samples, counted and
-logged, so training goes on.
+logged, so training goes on. Synchronous callers go through :func:`run_sync`, which runs every coroutine on
+one background event loop, so its clients and connections are reused rather than opened per call.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import itertools
+import email.utils
 import json
 import logging
-import weakref
-from collections.abc import Coroutine, Sequence
+import os
+import threading
+import time
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import httpx
 import orjson
-from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential_jitter
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception_type,
+    stop_after_attempt,
+    wait_exponential_jitter,
+)
 
 logger = logging.getLogger("rh_trl")
 
@@ -30,7 +40,12 @@ T = TypeVar("T")
 
 
 class ServerUnavailable(Exception):
-    """A retryable failure: connection error, timeout, or a 5xx/429 answer."""
+    """A retryable failure: connection error, timeout, or a 5xx/429 answer (``retry_after``: the server's
+    ``Retry-After`` in seconds, when it sent one)."""
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class RequestRejected(ValueError):
@@ -55,12 +70,19 @@ class MalformedResponse(ValueError):
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    """How hard to try: ``attempts`` in all (across URLs), backoff from ``initial`` to ``max`` seconds."""
+    """How hard to try: ``attempts`` in all (across URLs), backoff from ``initial`` to ``max`` seconds, a
+    request ``timeout`` (``connect_timeout`` for opening a connection), a server's ``Retry-After`` honoured up
+    to ``max_retry_after`` seconds, and a failed URL skipped for ``cooldown`` seconds (doubling with each
+    further failure, up to ``max_cooldown``) before it is probed again."""
 
     attempts: int = 4
     initial: float = 0.5
     max: float = 8.0
     timeout: float = 120.0
+    connect_timeout: float = 10.0
+    max_retry_after: float = 30.0
+    cooldown: float = 1.0
+    max_cooldown: float = 30.0
 
 
 def _normalize_url(url: str) -> str:
@@ -72,11 +94,73 @@ def _normalize_url(url: str) -> str:
     return url
 
 
+def retry_after_seconds(value: str | None) -> float | None:
+    """A ``Retry-After`` header in seconds (delay-seconds or an HTTP date); ``None`` when absent or unreadable."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+class URLHealth:
+    """A short memory of failing URLs, shared by every request of a pool.
+
+    ``pick`` goes round-robin over the URLs that have not failed recently; a URL that failed is skipped until its
+    cool-down ends (``cooldown`` seconds, doubling with each consecutive failure up to ``max_cooldown``, or the
+    server's ``Retry-After``), then probed again; a success forgets its failures. When every URL is cooling down,
+    the one that comes back first is tried.
+    """
+
+    def __init__(
+        self, n: int, cooldown: float, max_cooldown: float, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.n = n
+        self.cooldown = cooldown
+        self.max_cooldown = max_cooldown
+        self.clock = clock
+        self.down_until = [0.0] * n
+        self.failures = [0] * n
+        self._next = 0
+
+    def available(self, exclude: int | None = None) -> list[int]:
+        now = self.clock()
+        return [i for i in range(self.n) if self.down_until[i] <= now and i != exclude]
+
+    def pick(self, exclude: int | None = None) -> int:
+        """The next URL to try (``exclude``: the one that just failed, avoided while another is up)."""
+        up = self.available(exclude) or self.available()
+        if not up:
+            return min(range(self.n), key=lambda i: self.down_until[i])
+        start = self._next
+        self._next = (self._next + 1) % self.n
+        return min(up, key=lambda i: (i - start) % self.n)
+
+    def failed(self, i: int, retry_after: float | None = None) -> None:
+        self.failures[i] += 1
+        pause = min(self.cooldown * 2 ** (self.failures[i] - 1), self.max_cooldown)
+        if retry_after is not None:
+            pause = retry_after
+        self.down_until[i] = max(self.down_until[i], self.clock() + pause)
+
+    def succeeded(self, i: int) -> None:
+        self.failures[i] = 0
+        self.down_until[i] = 0.0
+
+
 class HTTPPool:
     """POST JSON to one of several servers with pooling, a concurrency limit, failover and retries.
 
     Args:
-        urls: one base URL or several (load is spread round-robin; a failed attempt moves to the next).
+        urls: one base URL or several (load is spread round-robin over the URLs that have not failed recently;
+            a failed attempt moves to the next).
         api_key: sent as ``Authorization: Bearer <key>``.
         max_concurrency: requests in flight at once (per event loop).
         retry: attempts, backoff and per-request timeout.
@@ -102,54 +186,85 @@ class HTTPPool:
         self.max_concurrency = max_concurrency
         self.retry = retry or RetryPolicy()
         self.transport = transport
-        self._next_url = itertools.cycle(range(len(self.urls)))
-        # an AsyncClient and a semaphore belong to one event loop; TRL keeps one loop, score() makes new ones
-        self._per_loop: weakref.WeakKeyDictionary[
-            asyncio.AbstractEventLoop, tuple[httpx.AsyncClient, asyncio.Semaphore]
-        ]
-        self._per_loop = weakref.WeakKeyDictionary()
+        self.health = URLHealth(len(self.urls), self.retry.cooldown, self.retry.max_cooldown)
+        # an AsyncClient and a semaphore belong to one event loop: TRL's loop, run_sync's background loop, or a
+        # caller's own; entries of loops that have been closed are dropped
+        self._per_loop: dict[asyncio.AbstractEventLoop, tuple[httpx.AsyncClient, asyncio.Semaphore]] = {}
 
     def _client(self) -> tuple[httpx.AsyncClient, asyncio.Semaphore]:
         loop = asyncio.get_running_loop()
+        for closed in [other for other in self._per_loop if other.is_closed()]:
+            del self._per_loop[closed]
         if loop not in self._per_loop:
             limits = httpx.Limits(
                 max_connections=self.max_concurrency, max_keepalive_connections=self.max_concurrency
             )
+            timeout = httpx.Timeout(
+                self.retry.timeout, connect=min(self.retry.connect_timeout, self.retry.timeout)
+            )
             client = httpx.AsyncClient(
-                headers=self.headers, timeout=self.retry.timeout, limits=limits, transport=self.transport
+                headers=self.headers, timeout=timeout, limits=limits, transport=self.transport
             )
             self._per_loop[loop] = (client, asyncio.Semaphore(self.max_concurrency))
         return self._per_loop[loop]
 
-    async def post(self, path: str, payload: dict[str, Any]) -> Any:
-        """POST ``payload`` to ``<url><path>`` and return the decoded JSON answer."""
+    def _wait(self, state: RetryCallState) -> float:
+        """Exponential backoff with jitter; a ``Retry-After`` is honoured when no other URL is up."""
+        delay = wait_exponential_jitter(initial=self.retry.initial, max=self.retry.max)(state)
+        err = state.outcome.exception() if state.outcome is not None else None
+        retry_after = getattr(err, "retry_after", None)
+        if retry_after is not None and not self.health.available():
+            delay = max(delay, min(retry_after, self.retry.max_retry_after))
+        return delay
+
+    async def post(self, path: str, payload: dict[str, Any], headers: Mapping[str, str] | None = None) -> Any:
+        """POST ``payload`` to ``<url><path>`` and return the decoded JSON answer (``headers`` are sent with
+        every attempt, e.g. an ``Idempotency-Key`` that lets the server recognize a retry)."""
         client, limit = self._client()
         retrying = AsyncRetrying(
             stop=stop_after_attempt(self.retry.attempts),
-            wait=wait_exponential_jitter(initial=self.retry.initial, max=self.retry.max),
+            wait=self._wait,
             retry=retry_if_exception_type(ServerUnavailable),
             reraise=True,
         )
-        # each request starts at the next URL and moves on to the following one at every retry
-        first = next(self._next_url)
+        last: int | None = None
         try:
             async with limit:
                 async for attempt in retrying:
                     with attempt:
-                        url = self.urls[(first + attempt.retry_state.attempt_number - 1) % len(self.urls)]
-                        return await self._post_once(client, url + path, payload)
+                        # each attempt takes the next URL that has not failed recently, avoiding the last one
+                        i = last = self.health.pick(exclude=last)
+                        try:
+                            answer = await self._post_once(client, self.urls[i] + path, payload, headers)
+                        except ServerUnavailable as err:
+                            pause = err.retry_after
+                            self.health.failed(
+                                i, None if pause is None else min(pause, self.retry.max_retry_after)
+                            )
+                            raise
+                        self.health.succeeded(i)
+                        return answer
         except ServerUnavailable as err:
             raise RetriesExhausted(f"{path}: {self.retry.attempts} attempts failed; last: {err}") from err
         raise AssertionError("unreachable")  # pragma: no cover
 
-    async def _post_once(self, client: httpx.AsyncClient, url: str, payload: dict[str, Any]) -> Any:
+    async def _post_once(
+        self,
+        client: httpx.AsyncClient,
+        url: str,
+        payload: dict[str, Any],
+        headers: Mapping[str, str] | None = None,
+    ) -> Any:
         try:
-            response = await client.post(url, json=payload)
+            response = await client.post(url, json=payload, headers=headers)
         except (httpx.TransportError, httpx.TimeoutException) as err:
             logger.debug("POST %s failed: %r", url, err)
             raise ServerUnavailable(f"{url}: {type(err).__name__}: {err}") from err
         if response.status_code >= 500 or response.status_code == 429:
-            raise ServerUnavailable(f"{url}: HTTP {response.status_code}: {response.text[:300]}")
+            raise ServerUnavailable(
+                f"{url}: HTTP {response.status_code}: {response.text[:300]}",
+                retry_after_seconds(response.headers.get("retry-after")),
+            )
         if response.status_code >= 400:
             raise RequestRejected(
                 f"{url} rejected the request: HTTP {response.status_code}: {response.text[:500]}",
@@ -221,11 +336,35 @@ def decode_json(body: bytes) -> Any:
         return json.loads(body)
 
 
+_background_lock = threading.Lock()
+_background: tuple[int, asyncio.AbstractEventLoop, threading.Thread] | None = None
+
+
+def _background_loop() -> tuple[asyncio.AbstractEventLoop, threading.Thread]:
+    """The event loop that :func:`run_sync` uses: one per process, on a daemon thread (made anew after a fork)."""
+    global _background
+    with _background_lock:
+        if _background is None or _background[0] != os.getpid() or not _background[2].is_alive():
+            loop = asyncio.new_event_loop()
+            thread = threading.Thread(target=loop.run_forever, name="rh_trl-http-loop", daemon=True)
+            thread.start()
+            _background = (os.getpid(), loop, thread)
+        return _background[1], _background[2]
+
+
 def run_sync(coroutine: Coroutine[Any, Any, T]) -> T:
-    """Run a coroutine to completion from synchronous code, also when this thread already runs a loop."""
+    """Run a coroutine to completion from synchronous code (also when this thread already runs a loop).
+
+    Every call runs on the same background event loop, so the pooled HTTP clients of that loop, and their
+    connections, are reused from call to call instead of being opened (and left open) per call.
+    """
+    loop, thread = _background_loop()
+    if threading.current_thread() is thread:  # called from a coroutine on that loop: it cannot wait on itself
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            return pool.submit(asyncio.run, coroutine).result()
+    future = asyncio.run_coroutine_threadsafe(coroutine, loop)
     try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return asyncio.run(coroutine)
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:  # e.g. inside Jupyter: use a thread of our own
-        return pool.submit(asyncio.run, coroutine).result()
+        return future.result()
+    except BaseException:
+        future.cancel()  # e.g. KeyboardInterrupt: do not leave the call running
+        raise

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import uuid
 from collections.abc import Sequence
 from typing import Any
 
@@ -34,10 +35,14 @@ class RemoteRM(Reward):
 
     Samples are normalized here (both TRL formats), sent in chunks of ``chunk_size`` concurrently to
     ``POST /v1/rewards``, and the answers are put back in order. Several URLs spread the chunks round-robin and
-    fail over to each other. A chunk that still fails after the retries (5xx, timeouts, connection errors)
-    gives ``None`` for its samples, counted as ``num_server_failed`` and logged; a chunk the server refuses
-    (4xx) gives ``None`` counted as ``num_server_rejected``, except a missing or wrong API key (401/403), which
-    raises at once. ``strict=True`` raises on every failure instead.
+    fail over to each other; a URL that failed is skipped for a while. A busy server's 429 is retried after its
+    ``Retry-After``; every chunk carries an ``Idempotency-Key``, so a retry of a chunk the server is still
+    scoring waits for that work instead of queueing the chunk again. A chunk that still fails after the retries
+    (5xx, 429, timeouts, connection errors) gives ``None`` for its samples, counted as ``num_server_failed``
+    and logged; samples the server found longer than its token cap are ``None``, counted as
+    ``num_server_too_long``; a chunk the server refuses (4xx) gives ``None`` counted as ``num_server_rejected``,
+    except a missing or wrong API key (401/403), which raises at once. ``strict=True`` raises on every failure
+    instead.
 
     Args:
         urls: the server's base URL (``http://host:port``) or several.
@@ -120,10 +125,17 @@ class RemoteRM(Reward):
             payload[column] = [values[i] for i in indices]
         return payload
 
-    async def _score_chunk(self, batch: Batch, indices: list[int]) -> tuple[list[float | None], str | None]:
-        """Rewards for one chunk, or ``None`` each and the reason it failed (a count key)."""
+    async def _score_chunk(
+        self, batch: Batch, indices: list[int]
+    ) -> tuple[list[float | None], str | None, int]:
+        """Rewards for one chunk, or ``None`` each and the reason it failed (a count key); and how many of its
+        samples the server found too long."""
         try:
-            answer = await self.pool.post(self.PATH, self._payload(batch, indices))
+            # one key per chunk, the same on every retry: the server answers a retry of a chunk it is still
+            # scoring (or scored moments ago) from that work instead of queueing the chunk again
+            answer = await self.pool.post(
+                self.PATH, self._payload(batch, indices), headers={"Idempotency-Key": uuid.uuid4().hex}
+            )
             rewards = answer.get("rewards") if isinstance(answer, dict) else None
             if not isinstance(rewards, list) or len(rewards) != len(indices):
                 raise MalformedResponse(
@@ -134,7 +146,8 @@ class RemoteRM(Reward):
                 if r is not None and not (isinstance(r, int | float) and not isinstance(r, bool)):
                     raise MalformedResponse(f"reward {r!r} is not a number or null")
                 values.append(None if r is None or not math.isfinite(r) else float(r))
-            return values, None
+            too_long = answer.get("num_too_long", 0)
+            return values, None, too_long if isinstance(too_long, int) else 0
         except RequestRejected as err:
             if self.strict or "HTTP 401:" in str(err) or "HTTP 403:" in str(err):
                 raise
@@ -145,9 +158,9 @@ class RemoteRM(Reward):
             key = "server_failed" if isinstance(err, RetriesExhausted) else "server_malformed"
             return self._failed(indices, key, err)
 
-    def _failed(self, indices: list[int], key: str, err: Exception) -> tuple[list[float | None], str]:
+    def _failed(self, indices: list[int], key: str, err: Exception) -> tuple[list[float | None], str, int]:
         logger.error("%s: %d sample(s) get no reward (%s): %s", self.__name__, len(indices), key, err)
-        return [None] * len(indices), key
+        return [None] * len(indices), key, 0
 
     async def acompute(self, batch: Batch) -> RewardOutput:
         """Score a validated batch on the server(s): chunks sent concurrently, results in order."""
@@ -155,10 +168,11 @@ class RemoteRM(Reward):
         chunks = [todo[k : k + self.chunk_size] for k in range(0, len(todo), self.chunk_size)]
         results = await asyncio.gather(*(self._score_chunk(batch, chunk) for chunk in chunks))
         rewards: list[float | None] = [None] * len(batch)
-        counts = {"server_failed": 0, "server_rejected": 0, "server_malformed": 0}
-        for chunk, (values, failure) in zip(chunks, results, strict=True):
+        counts = {"server_failed": 0, "server_rejected": 0, "server_malformed": 0, "server_too_long": 0}
+        for chunk, (values, failure, too_long) in zip(chunks, results, strict=True):
             for i, value in zip(chunk, values, strict=True):
                 rewards[i] = value
             if failure is not None:
                 counts[failure] += len(chunk)
+            counts["server_too_long"] += too_long
         return RewardOutput(rewards, counts)

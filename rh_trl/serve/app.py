@@ -8,36 +8,47 @@ Routes:
     GET  /v1/models    the hosted rewards and their batching settings
     GET  /metrics      requests, batch sizes, queue depth and latency per reward (JSON)
 
-Every route but ``/health`` needs ``Authorization: Bearer <key>`` when the server has a key. Bodies are read
-with a size limit and validated before anything is queued, so a bad request gets a 4xx with a message and never
-reaches a batch that other requests share.
+Every route but ``/health`` needs ``Authorization: Bearer <key>`` when the server has a key, checked in constant
+time before the body is read. POST bodies must be ``application/json``; they are read with size and time limits
+and validated (:mod:`rh_trl.serve.body`, the schemas below, which ``/openapi.json`` documents) before anything
+is queued, so a bad request gets a 4xx with a message and never reaches a batch that other requests share. An
+overloaded reward answers 429 with ``Retry-After``; a client that goes away has its queued samples dropped,
+with one log line; a retry with the same ``Idempotency-Key`` joins the call already made
+(:mod:`rh_trl.serve.idempotency`). Scoring goes through a :class:`~rh_trl.serve.backend.ScoringBackend`, so
+another deployment can reuse this app with its own backend.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hmac
 import json
 import logging
 import math
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from rh_trl.rewards.base import Reward
-from rh_trl.serve.batcher import DynamicBatcher
-from rh_trl.serve.config import RewardSpec, ServerConfig, build_reward
+from rh_trl.rewards.base import Reward, RewardOutput
+from rh_trl.serve.config import RewardSpec, ServerConfig
 
 try:
     import uvicorn
     from fastapi import FastAPI, Request
-    from fastapi.responses import JSONResponse
+    from fastapi.responses import JSONResponse, Response
 except ImportError as _err:
     raise ImportError(
         f"the rh_trl reward server needs fastapi and uvicorn ({_err}); pip install 'rh_trl[serve]'"
     ) from _err
+
+from rh_trl.serve.backend import LocalBackend, ScoringBackend
+from rh_trl.serve.body import check_content_type, parse_object, read_body
+from rh_trl.serve.errors import ClientGone, RequestError
+from rh_trl.serve.idempotency import SharedCalls
+from rh_trl.serve.protocol import header_timeout_protocol
 
 logger = logging.getLogger("rh_trl")
 
@@ -63,7 +74,7 @@ class RewardRequest(BaseModel):
 
     model_config = ConfigDict(extra="allow")
 
-    model: str | None = None
+    model: str | None = Field(default=None, min_length=1)
     prompts: list[TRLText]
     completions: list[TRLText]
 
@@ -98,7 +109,7 @@ class OpenRLHFRequest(BaseModel):
     query: list[str]
     prompts: list[str] | None = None
     labels: list[Any] | None = None
-    model: str | None = None
+    model: str | None = Field(default=None, min_length=1)
 
     @model_validator(mode="after")
     def _check_lengths(self) -> OpenRLHFRequest:
@@ -108,15 +119,6 @@ class OpenRLHFRequest(BaseModel):
             if value is not None and len(value) != n:
                 raise ValueError(f"got {len(value)} {key} for {n} queries; expected one per query")
         return self
-
-
-class RequestError(Exception):
-    """A request the server refuses: status code and message."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
 
 
 def split_query(query: str, prompt: str | None, strip_suffixes: list[str]) -> tuple[str, str, bool]:
@@ -140,7 +142,9 @@ def split_query(query: str, prompt: str | None, strip_suffixes: list[str]) -> tu
     return prompt_text, response, matched
 
 
-async def get_reward(server: RewardServer, name: str, body: OpenRLHFRequest) -> dict[str, Any]:
+async def get_reward(
+    server: RewardServer, request: Request, name: str, body: OpenRLHFRequest
+) -> dict[str, Any]:
     """Score an OpenRLHF request: every query gets a number (the reward's ``failure_score`` where it has no
     reward), and ``extra_logs`` carries, per query, ``rh_trl/failed`` (1 where the failure score was used) and
     ``rh_trl/query_without_prompt`` (1 where the query did not start with its prompt and was scored whole)."""
@@ -155,22 +159,23 @@ async def get_reward(server: RewardServer, name: str, body: OpenRLHFRequest) -> 
         completions.append(response)
         without_prompt.append(0 if matched else 1)
     columns = {"label": list(body.labels)} if body.labels is not None else {}
-    batcher = server.batchers[name]
     extra_logs: dict[str, list[Any]] = {}
     try:
-        output = await batcher.submit(prompts, completions, columns)
+        output = await server.score(request, name, prompts, completions, columns)
         values: list[float | None] = list(output.rewards)
         extra_logs = {
             key: column
             for key, column in output.extra.items()
             if all(isinstance(v, int | float) and not isinstance(v, bool) for v in column)
         }
+    except (RequestError, ClientGone):
+        raise  # overload (429/503 with Retry-After) and departed clients: not a failed scoring
     except Exception as err:
         logger.error("%s: /get_reward scoring of %d queries failed: %r", name, len(prompts), err)
         values = [None] * len(prompts)
     failed = [0 if v is not None and math.isfinite(v) else 1 for v in values]
     rewards = [failure_score if bad else v for v, bad in zip(values, failed, strict=True)]
-    counts = batcher.metrics.counts
+    counts = server.counts[name]
     for key, flags in (("get_reward_failed", failed), ("get_reward_query_without_prompt", without_prompt)):
         counts[key] = counts.get(key, 0) + sum(flags)
     if any(failed):
@@ -196,44 +201,35 @@ async def get_reward(server: RewardServer, name: str, body: OpenRLHFRequest) -> 
 
 
 class RewardServer:
-    """The rewards a server hosts, with their batchers, limits and key."""
+    """What the routes share: the config, the scoring backend, the key, the limits, and the calls in flight."""
 
-    def __init__(self, config: ServerConfig, rewards: dict[str, Reward] | None = None) -> None:
+    def __init__(
+        self,
+        config: ServerConfig,
+        rewards: dict[str, Reward] | None = None,
+        backend: ScoringBackend | None = None,
+    ) -> None:
         self.config = config
         self.api_key = config.resolved_api_key()
         self.specs: dict[str, RewardSpec] = {s.name: s for s in config.rewards}
+        self.backend: ScoringBackend = backend if backend is not None else LocalBackend(config, rewards)
+        self.calls: SharedCalls[RewardOutput] = SharedCalls(config.idempotency_ttl_s)
         self.get_reward_served = [s.name for s in config.rewards if s.failure_score is not None]
-        rewards = dict(rewards or {})
-        for name, spec in self.specs.items():
-            if name not in rewards:
-                logger.info("loading reward '%s' (%s)", name, spec.type)
-                rewards[name] = build_reward(spec)
-        unknown = sorted(set(rewards) - set(self.specs))
-        if unknown:
-            raise ValueError(f"rewards {unknown} are not listed in the config's rewards")
-        self.batchers = {
-            name: DynamicBatcher(
-                rewards[name],
-                max_items=spec.max_batch_items,
-                max_chars=spec.max_batch_chars,
-                max_wait_ms=spec.max_wait_ms,
-                enabled=spec.batching,
-            )
-            for name, spec in self.specs.items()
-        }
+        self.counts: dict[str, dict[str, int]] = {name: {} for name in self.specs}  # counted by the routes
         self.started = time.time()
         self.rejected: dict[int, int] = {}
+        self.abandoned = 0
 
     def pick(self, model: str | None) -> str:
         if model is None:
-            if len(self.batchers) == 1:
-                return next(iter(self.batchers))
+            if len(self.specs) == 1:
+                return next(iter(self.specs))
             raise RequestError(
                 400,
-                f'this server hosts several rewards; name one with "model": one of {sorted(self.batchers)}',
+                f'this server hosts several rewards; name one with "model": one of {sorted(self.specs)}',
             )
-        if model not in self.batchers:
-            raise RequestError(404, f"unknown model '{model}'; this server hosts {sorted(self.batchers)}")
+        if model not in self.specs:
+            raise RequestError(404, f"unknown model {model!r}; this server hosts {sorted(self.specs)}")
         return model
 
     def pick_get_reward(self, model: str | None) -> str:
@@ -262,21 +258,17 @@ class RewardServer:
             raise RequestError(401, "wrong API key")
 
     async def read(self, request: Request, schema: type[BaseModel]) -> Any:
-        limit = self.config.max_request_bytes
-        declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
-            raise RequestError(413, f"request body of {declared} bytes exceeds the limit of {limit} bytes")
-        body = bytearray()
-        async for chunk in request.stream():
-            body.extend(chunk)
-            if len(body) > limit:
-                raise RequestError(413, f"request body exceeds the limit of {limit} bytes")
-        try:
-            data = json.loads(body)
-        except ValueError as err:
-            raise RequestError(400, f"the body is not valid JSON: {err}") from None
-        if not isinstance(data, dict):
-            raise RequestError(422, f"expected a JSON object, got {type(data).__name__}")
+        """The validated body (the raw bytes are kept in ``request.state.body`` for idempotency keys)."""
+        check_content_type(request.headers.get("content-type"))
+        config = self.config
+        body = await read_body(
+            request.stream(),
+            request.headers.get("content-length"),
+            config.max_request_bytes,
+            config.body_timeout_s,
+        )
+        request.state.body = body
+        data = parse_object(body, config.max_json_depth)
         try:
             parsed = schema.model_validate(data)
         except ValidationError as err:
@@ -292,10 +284,81 @@ class RewardServer:
             )
         return parsed
 
+    async def score(
+        self,
+        request: Request,
+        name: str,
+        prompts: list[Any],
+        completions: list[Any],
+        columns: dict[str, list[Any]],
+    ) -> RewardOutput:
+        """Score through the backend, sharing the call with requests of the same ``Idempotency-Key``, and drop
+        it when the client disconnects first."""
+        idempotency = request.headers.get("idempotency-key")
+        key = None
+        if idempotency:
+            key = SharedCalls.key(request.url.path, name, idempotency, body=request.state.body)
 
-def create_app(config: ServerConfig, rewards: dict[str, Reward] | None = None) -> FastAPI:
-    """Build the FastAPI app for ``config``; ``rewards`` supplies already-built rewards by name."""
-    server = RewardServer(config, rewards)
+        def call() -> Awaitable[RewardOutput]:
+            return self.backend.score(name, prompts, completions, columns)
+
+        output = await until_disconnected(request, self.calls.run(key, call))
+        nonfinite = sum(r is not None and not math.isfinite(r) for r in output.rewards)
+        if nonfinite:  # JSON has no NaN: "no reward", as TRL reads NaN
+            logger.warning("%s: %d reward(s) were not finite numbers; answered as null", name, nonfinite)
+            rewards = [r if r is None or math.isfinite(r) else None for r in output.rewards]
+            output = RewardOutput(rewards, output.counts, output.extra)
+        return output
+
+
+async def until_disconnected(request: Request, work: Awaitable[RewardOutput]) -> RewardOutput:
+    """Await ``work`` unless the client disconnects first: then ``work`` is cancelled and :class:`ClientGone`
+    raised. The body must have been read (after it, the only message left to receive is the disconnect)."""
+    task = asyncio.ensure_future(work)
+
+    async def disconnect() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(disconnect())
+    try:
+        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:  # uvicorn cancels what is left when the shutdown grace period ends
+        raise RequestError(503, "the server is shutting down; retry elsewhere", retry_after=5) from None
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+    if task in done:
+        return task.result()
+    raise ClientGone("went away before its answer; its queued samples were dropped")
+
+
+def request_body(schema: type[BaseModel]) -> dict[str, Any]:
+    """OpenAPI ``requestBody`` for a route that reads its body itself (the schemas are added by the app's
+    ``openapi``)."""
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{schema.__name__}"}}},
+        }
+    }
+
+
+class AsciiJSONResponse(JSONResponse):
+    """JSON with every non-ASCII character escaped, so that any message (even one quoting a client's broken
+    text) can be encoded."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode("ascii")
+
+
+def create_app(
+    config: ServerConfig, rewards: dict[str, Reward] | None = None, *, backend: ScoringBackend | None = None
+) -> FastAPI:
+    """Build the FastAPI app for ``config``; ``rewards`` supplies already-built rewards by name, ``backend``
+    another scoring backend (default: :class:`~rh_trl.serve.backend.LocalBackend` in this process)."""
+    server = RewardServer(config, rewards, backend)
     if server.get_reward_served:
         logger.info(
             "/get_reward serves %s (without ?model=: %s)",
@@ -307,46 +370,75 @@ def create_app(config: ServerConfig, rewards: dict[str, Reward] | None = None) -
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        for batcher in server.batchers.values():
-            batcher.start()
+        await server.backend.start()
         yield
-        for batcher in server.batchers.values():
-            await batcher.stop()
+        await server.backend.stop()
 
     app = FastAPI(title="rh_trl reward server", lifespan=lifespan)
     app.state.server = server
+    schemas = (RewardRequest, OpenRLHFRequest)
+
+    def openapi() -> dict[str, Any]:
+        """FastAPI's schema, plus the request bodies the routes read themselves."""
+        if app.openapi_schema is None:
+            from fastapi.openapi.utils import get_openapi
+
+            document = get_openapi(title=app.title, version=app.version, routes=app.routes)
+            components = document.setdefault("components", {}).setdefault("schemas", {})
+            for schema in schemas:
+                found = schema.model_json_schema(ref_template="#/components/schemas/{model}")
+                components.update(found.pop("$defs", {}))
+                # "model" names one of the hosted rewards
+                found["properties"]["model"]["anyOf"][0]["enum"] = sorted(server.specs)
+                components[schema.__name__] = found
+            app.openapi_schema = document
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
     @app.exception_handler(RequestError)
-    async def _refuse(request: Request, err: RequestError) -> JSONResponse:
+    async def _refuse(request: Request, err: RequestError) -> Response:
         server.rejected[err.status] = server.rejected.get(err.status, 0) + 1
-        logger.info("%s %s refused: %d %s", request.method, request.url.path, err.status, err.message)
-        return JSONResponse({"detail": err.message}, status_code=err.status)
+        log = logger.warning if err.status in (429, 503) else logger.info
+        log("%s %s refused: %d %s", request.method, request.url.path, err.status, err.message)
+        return AsciiJSONResponse({"detail": err.message}, status_code=err.status, headers=err.headers())
+
+    @app.exception_handler(ClientGone)
+    async def _gone(request: Request, err: ClientGone) -> Response:
+        server.abandoned += 1
+        client = f"{request.client[0]}:{request.client[1]}" if request.client else "a client"
+        logger.info("%s %s: %s %s", request.method, request.url.path, client, err)  # one line, no traceback
+        return Response(status_code=499)  # nobody reads it
 
     async def score(
-        name: str, prompts: list[Any], completions: list[Any], columns: dict[str, list[Any]]
-    ) -> Any:
+        request: Request, name: str, prompts: list[Any], completions: list[Any], columns: dict[str, list[Any]]
+    ) -> RewardOutput:
         try:
-            return await server.batchers[name].submit(prompts, completions, columns)
+            return await server.score(request, name, prompts, completions, columns)
+        except (RequestError, ClientGone):
+            raise
         except Exception as err:
             raise RequestError(500, f"scoring failed: {type(err).__name__}: {err}") from err
 
-    @app.post("/v1/rewards")
+    @app.post("/v1/rewards", openapi_extra=request_body(RewardRequest))
     async def rewards_route(request: Request) -> dict[str, Any]:
         server.check_key(request)
         body: RewardRequest = await server.read(request, RewardRequest)
         name = server.pick(body.model)
         prompts, completions = body.texts()
-        output = await score(name, prompts, completions, dict(body.model_extra or {}))
+        output = await score(request, name, prompts, completions, dict(body.model_extra or {}))
         answer: dict[str, Any] = {
             "model": name,
             "rewards": output.rewards,
             "num_none": sum(r is None for r in output.rewards),
         }
+        if output.counts.get("too_long"):
+            answer["num_too_long"] = output.counts["too_long"]
         if output.extra:
             answer["extra"] = output.extra
         return answer
 
-    @app.post("/get_reward")
+    @app.post("/get_reward", openapi_extra=request_body(OpenRLHFRequest))
     async def openrlhf_route(request: Request) -> dict[str, Any]:
         try:
             server.check_key(request)
@@ -356,11 +448,11 @@ def create_app(config: ServerConfig, rewards: dict[str, Reward] | None = None) -
             # OpenRLHF retries a refused request, logs it at INFO and then has no reward for the sample
             logger.warning("/get_reward refused (%d): %s", err.status, err.message)
             raise
-        return await get_reward(server, name, body)
+        return await get_reward(server, request, name, body)
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "models": sorted(server.batchers), "uptime_s": time.time() - server.started}
+        return {"status": "ok", "models": sorted(server.specs), "uptime_s": time.time() - server.started}
 
     @app.get("/v1/models")
     async def models(request: Request) -> dict[str, Any]:
@@ -372,10 +464,10 @@ def create_app(config: ServerConfig, rewards: dict[str, Reward] | None = None) -
                     "id": name,
                     "object": "model",
                     "type": spec.type,
-                    "reward_name": server.batchers[name].reward.__name__,
                     "batching": spec.batching,
                     "max_batch_items": spec.max_batch_items,
                     "max_wait_ms": spec.max_wait_ms,
+                    **server.backend.describe(name),
                 }
             )
         return {"object": "list", "data": data}
@@ -386,24 +478,46 @@ def create_app(config: ServerConfig, rewards: dict[str, Reward] | None = None) -
         return {
             "uptime_s": time.time() - server.started,
             "rejected": {str(k): v for k, v in sorted(server.rejected.items())},
-            "rewards": {name: b.metrics.snapshot() for name, b in server.batchers.items()},
+            "abandoned": server.abandoned,
+            "idempotent_reuses": server.calls.reused,
+            "rewards": {
+                name: {**values, "counts": {**values.get("counts", {}), **server.counts.get(name, {})}}
+                for name, values in server.backend.metrics().items()
+            },
         }
 
     return app
 
 
+def uvicorn_config(app: FastAPI, config: ServerConfig, **overrides: Any) -> uvicorn.Config:
+    """uvicorn settings from the server config: connection limit, header and keep-alive timeouts, and the
+    shutdown grace period (after it, requests still in flight are cancelled and the process exits)."""
+    settings: dict[str, Any] = {
+        "host": config.host,
+        "port": config.port,
+        "http": header_timeout_protocol(config.header_timeout_s),
+        "limit_concurrency": config.max_connections,
+        "timeout_keep_alive": config.keep_alive_s,
+        "timeout_graceful_shutdown": config.graceful_shutdown_s,
+        "lifespan": "on",
+    }
+    return uvicorn.Config(app, **{**settings, **overrides})
+
+
 def serve(config: ServerConfig, rewards: dict[str, Reward] | None = None, log_level: str = "info") -> None:
-    """Run the server in the foreground until interrupted (requests in flight are finished first)."""
+    """Run the server in the foreground until interrupted: on SIGTERM/SIGINT it stops taking connections, lets
+    requests in flight finish for ``graceful_shutdown_s``, fails the rest, and exits."""
     config.check_exposure()
     app = create_app(config, rewards)
-    uv_config = uvicorn.Config(
-        app,
-        host=config.host,
-        port=config.port,
-        log_level=log_level,
-        timeout_graceful_shutdown=config.graceful_shutdown_s or None,
-    )
-    uvicorn.Server(uv_config).run()
+    uvicorn.Server(uvicorn_config(app, config, log_level=log_level)).run()
 
 
-__all__ = ["OpenRLHFRequest", "RewardRequest", "RewardServer", "create_app", "serve", "split_query"]
+__all__ = [
+    "OpenRLHFRequest",
+    "RewardRequest",
+    "RewardServer",
+    "create_app",
+    "serve",
+    "split_query",
+    "uvicorn_config",
+]

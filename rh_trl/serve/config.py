@@ -28,6 +28,12 @@ class RewardSpec(BaseModel):
     ``max_batch_items`` samples and ``max_batch_chars`` characters (a cheap proxy for tokens; the engine then
     cuts its own token-budget micro-batches), waiting at most ``max_wait_ms`` for more requests to arrive.
     ``batching: false`` scores each request on its own.
+
+    Limits: a sample with more than ``max_sample_tokens`` tokens (default: the model's context length) gets
+    ``None``, counted as ``too_long``; at most ``max_queue_samples`` samples (default: 4 batches) and
+    ``max_queue_wait_s`` seconds of work (at the recent throughput) wait at once, beyond that requests get 429
+    with ``Retry-After``; a scoring call running past ``compute_timeout_s`` stops at its next forward pass and
+    its requests get 503.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -46,6 +52,10 @@ class RewardSpec(BaseModel):
         default_factory=list,
         description="strings cut from the end of a /get_reward response (e.g. the policy's EOS text)",
     )
+    max_sample_tokens: int | None = Field(default=None, ge=1)
+    max_queue_samples: int | None = Field(default=None, ge=1)
+    max_queue_wait_s: float = Field(default=5.0, gt=0)
+    compute_timeout_s: float = Field(default=120.0, gt=0)
     failure_score: float | None = Field(
         default=None,
         description="the score /get_reward answers for a sample this reward could not score (OpenRLHF cannot "
@@ -62,7 +72,15 @@ class RewardSpec(BaseModel):
 
 
 class ServerConfig(BaseModel):
-    """The server: where it listens, who may call it, request limits, and the rewards it hosts."""
+    """The server: where it listens, who may call it, request limits, and the rewards it hosts.
+
+    Connections: at most ``max_connections`` at once (more get 503), ``header_timeout_s`` to send a request's
+    line and headers and ``body_timeout_s`` to send its body (slower clients are cut off; 408 for the body),
+    ``keep_alive_s`` idle between requests. Bodies: at most ``max_request_bytes``, ``max_items_per_request``
+    samples and ``max_json_depth`` levels of nesting. A retry that carries the same ``Idempotency-Key`` (and
+    body) as a request in flight, or one answered in the last ``idempotency_ttl_s`` seconds, gets that answer
+    instead of being scored again. On shutdown, requests in flight have ``graceful_shutdown_s`` to finish.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
@@ -73,6 +91,12 @@ class ServerConfig(BaseModel):
     max_request_bytes: int = Field(default=16 * 2**20, ge=1)
     max_items_per_request: int = Field(default=4096, ge=1)
     graceful_shutdown_s: float = Field(default=30.0, ge=0)
+    max_connections: int = Field(default=512, ge=1)
+    header_timeout_s: float = Field(default=10.0, gt=0)
+    body_timeout_s: float = Field(default=60.0, gt=0)
+    keep_alive_s: float = Field(default=5.0, gt=0)
+    max_json_depth: int = Field(default=32, ge=2)
+    idempotency_ttl_s: float = Field(default=120.0, ge=0)
     rewards: list[RewardSpec] = Field(min_length=1)
     get_reward_default: str | None = Field(
         default=None,
@@ -121,7 +145,7 @@ class ServerConfig(BaseModel):
         if self.host not in LOOPBACK_HOSTS and not self.resolved_api_key():
             raise ValueError(
                 f"refusing to listen on {self.host}: an API key is required when binding anything but loopback "
-                f"(127.0.0.1). Set api_key in the config, export {self.api_key_env}=<key>, or pass --api-key"
+                f"(127.0.0.1). Export {self.api_key_env}=<key> (or set api_key in the config)"
             )
 
 
