@@ -148,7 +148,14 @@ def test_malformed_response_is_a_clear_error(llama_tok, chatml_tok):
     def wrong_count(request: httpx.Request) -> httpx.Response:
         return httpx.Response(200, json={"choices": []})
 
-    drsow.engines["strong"].pool.transport = drsow.engines["weak"].pool.transport = _mock(wrong_count)
+    drsow = DrSow(
+        "http://strong.test",
+        "http://weak.test",
+        strong_tokenizer=llama_tok,
+        weak_tokenizer=chatml_tok,
+        engine="openai",
+        transport=_mock(wrong_count),
+    )
     with pytest.raises(MalformedResponse, match=r"expected \d choices"):
         drsow(CONV_PROMPTS, CONV_COMPLETIONS)
 

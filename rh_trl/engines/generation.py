@@ -248,10 +248,7 @@ class ChatClient:
 
     async def complete_many(self, conversations: Sequence[Conversation]) -> list[ChatResult]:
         """Complete every conversation concurrently (up to ``max_concurrency`` at once), results in order."""
-        try:
-            return list(await asyncio.gather(*(self.complete(c) for c in conversations)))
-        finally:
-            await self.pool.aclose()
+        return list(await asyncio.gather(*(self.complete(c) for c in conversations)))
 
     @staticmethod
     def _read(answer: Any) -> ChatResult:

@@ -518,19 +518,16 @@ class DrSow(Reward):
         return self._finish(batch, spans, todo, values, reasons, counts)
 
     async def _compute_remote(self, batch: Batch) -> RewardOutput:
-        try:
-            for side in ("strong", "weak"):
-                if not self.max_length_given and self.encoders[side].formatter.max_length is None:
-                    self._engine_limit(side, await self.engines[side].read_max_sequence_length())
-            spans, todo, counts = self._plan(batch)
-            answers = await asyncio.gather(
-                *(
-                    self.engines[side].span_logprobs(*self._requests(spans[side], todo))
-                    for side in ("strong", "weak")
-                )
+        for side in ("strong", "weak"):
+            if not self.max_length_given and self.encoders[side].formatter.max_length is None:
+                self._engine_limit(side, await self.engines[side].read_max_sequence_length())
+        spans, todo, counts = self._plan(batch)
+        answers = await asyncio.gather(
+            *(
+                self.engines[side].span_logprobs(*self._requests(spans[side], todo))
+                for side in ("strong", "weak")
             )
-        finally:  # the client belongs to this event loop, which ends with the call
-            await asyncio.gather(*(engine.aclose() for engine in self.engines.values()))
+        )
         values = {side: answer[0] for side, answer in zip(("strong", "weak"), answers, strict=True)}
         reasons = {side: answer[1] for side, answer in zip(("strong", "weak"), answers, strict=True)}
         return self._finish(batch, spans, todo, values, reasons, counts)

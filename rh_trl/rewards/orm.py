@@ -329,13 +329,10 @@ class ORM(Reward):
         return self._finish(batch, todo, rows, reasons, counts)
 
     async def _compute_remote(self, batch: Batch) -> RewardOutput:
-        try:
-            if not self.max_length_given and self.formatter.max_length is None:
-                self._engine_limit(await self.engine.read_max_sequence_length())
-            todo, sequences, counts = self._prepare(batch)
-            rows, reasons = await self.engine.run(sequences)
-        finally:  # the client belongs to this event loop, which ends with the call
-            await self.engine.aclose()
+        if not self.max_length_given and self.formatter.max_length is None:
+            self._engine_limit(await self.engine.read_max_sequence_length())
+        todo, sequences, counts = self._prepare(batch)
+        rows, reasons = await self.engine.run(sequences)
         return self._finish(batch, todo, rows, reasons, counts)
 
 

@@ -436,13 +436,10 @@ class PRM(Reward):
         return self._finish(batch, todo, sequences, rows, reasons, counts)
 
     async def _score_remote(self, batch: Batch) -> tuple[list[list[float] | None], dict[str, int]]:
-        try:
-            if not self.max_length_given and self.max_length is None:
-                self._engine_limit(await self.engine.read_max_sequence_length())
-            todo, sequences, counts = self._prepare(batch)
-            rows, reasons = await self.engine.run([s.input_ids for s in sequences])
-        finally:  # the client belongs to this event loop, which ends with the call
-            await self.engine.aclose()
+        if not self.max_length_given and self.max_length is None:
+            self._engine_limit(await self.engine.read_max_sequence_length())
+        todo, sequences, counts = self._prepare(batch)
+        rows, reasons = await self.engine.run([s.input_ids for s in sequences])
         return self._finish(batch, todo, sequences, rows, reasons, counts)
 
     def compute(self, batch: Batch) -> RewardOutput:
