@@ -1,7 +1,7 @@
 """The reward server under overload, with 1 MB prompts mixed in: this checkout against another one.
 
 First the server's capacity is measured: samples scored per second of compute while 64 back-to-back clients
-keep it busy with short requests (its own ``/metrics``, so pauses of clients that honour 429s do not count).
+keep it busy with short requests (its own ``/metrics/json``, so pauses of clients that honour 429s do not count).
 Then, for each load level, a fresh server process is started and offered an open-loop stream of requests at
 that multiple of its capacity for ``--duration`` seconds: requests of ``--samples`` short samples, and every
 ``--long-every``-th request one sample with a 1 MB prompt. Every request has the client's deadline as its
@@ -270,7 +270,7 @@ def main() -> None:
             server = ServerProcess(HERE, config)
             try:
                 asyncio.run(closed_loop(server.url, 64, 10.0, short))
-                rm = httpx.get(server.url + "/metrics").json()["rewards"]["rm"]
+                rm = httpx.get(server.url + "/metrics/json").json()["rewards"]["rm"]
                 capacity = rm["samples"] / rm["compute_seconds"] / args.samples
             finally:
                 server.terminate()

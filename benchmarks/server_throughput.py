@@ -104,7 +104,7 @@ def main() -> None:
     try:
         t_off, r_off = asyncio.run(drive(url, "unbatched", prompts, completions, args.clients, args.rounds))
         t_on, r_on = asyncio.run(drive(url, "batched", prompts, completions, args.clients, args.rounds))
-        metrics = httpx.get(url + "/metrics").json()["rewards"]
+        metrics = httpx.get(url + "/metrics/json").json()["rewards"]
     finally:
         server.should_exit = True
         thread.join()

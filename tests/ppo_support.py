@@ -53,7 +53,7 @@ class ServeProcess:
         return self.log_path.read_text()
 
     def metrics(self, name: str) -> dict:
-        return httpx.get(self.url + "/metrics").json()["rewards"][name]
+        return httpx.get(self.url + "/metrics/json").json()["rewards"][name]
 
     def stop(self) -> None:
         self.proc.terminate()

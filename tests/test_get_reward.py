@@ -44,11 +44,11 @@ def test_unscorable_and_unprompted_queries_are_answered_and_counted(server, prm)
     responses = [" Two and two.\n\nThat is 4.", "", " Blue."]
     queries = [p + r + EOS for p, r in zip(prompts, responses, strict=True)]
     queries[2] = "(cut) colour." + responses[2] + EOS  # OpenRLHF truncated this prompt from the left
-    before = httpx.get(server.url + "/metrics").json()["rewards"]["prm"]["counts"]
+    before = httpx.get(server.url + "/metrics/json").json()["rewards"]["prm"]["counts"]
     answer = httpx.post(
         server.url + "/get_reward", json={"query": queries, "prompts": prompts, "labels": ["", "", ""]}
     ).json()
-    counts = httpx.get(server.url + "/metrics").json()["rewards"]["prm"]["counts"]
+    counts = httpx.get(server.url + "/metrics/json").json()["rewards"]["prm"]["counts"]
 
     local = prm.score([prompts[0], "", ""], [responses[0], responses[1], "(cut) colour." + responses[2]])
     assert local[1] is None  # the PRM has no reward for the empty response

@@ -236,7 +236,7 @@ def test_32_clients_20_requests_each_all_correct_in_order(server, rm_chatml, cha
         reference(rm_chatml, text_ids(chatml_tok, p, c) if isinstance(p, str) else chat_ids(chatml_tok, p, c))
         for p, c in pool
     ]
-    before = httpx.get(server.url + "/metrics").json()["rewards"]["chatml"]
+    before = httpx.get(server.url + "/metrics/json").json()["rewards"]["chatml"]
 
     async def client(k: int, http: httpx.AsyncClient) -> list[tuple[list[int], list[float]]]:
         seen = []
@@ -261,7 +261,7 @@ def test_32_clients_20_requests_each_all_correct_in_order(server, rm_chatml, cha
     assert len(answered) == 32 * 20
     worst = max(max_diff(rewards, [ref[i] for i in picks]) for picks, rewards in answered)
     assert worst <= TOL
-    after = httpx.get(server.url + "/metrics").json()["rewards"]["chatml"]
+    after = httpx.get(server.url + "/metrics/json").json()["rewards"]["chatml"]
     requests = after["requests"] - before["requests"]
     batches = after["batches"] - before["batches"]
     assert requests == 640 and after["queue_depth"] == 0
@@ -273,7 +273,7 @@ def test_health_models_metrics(server):
     assert httpx.get(server.url + "/health").json()["status"] == "ok"
     models = httpx.get(server.url + "/v1/models").json()["data"]
     assert {m["id"] for m in models} == {"minilm", "chatml"}
-    metrics = httpx.get(server.url + "/metrics").json()
+    metrics = httpx.get(server.url + "/metrics/json").json()
     for key in ("requests", "batches", "queue_depth", "latency_seconds", "mean_batch_samples"):
         assert key in metrics["rewards"]["minilm"]
 

@@ -187,12 +187,12 @@ def test_a_failing_request_does_not_fail_its_batch(keyed_server):
                 *(http.post(keyed_server.url + "/v1/rewards", json=b) for b in bodies)
             )
 
-    before = httpx.get(keyed_server.url + "/metrics", headers={"Authorization": f"Bearer {KEY}"}).json()
+    before = httpx.get(keyed_server.url + "/metrics/json", headers={"Authorization": f"Bearer {KEY}"}).json()
     responses = asyncio.run(main())
     boom = responses.pop(4)
     assert boom.status_code == 500 and "BOOM" in boom.json()["detail"]
     assert [r.json()["rewards"] for r in responses] == [[float(i + 1), 1.0] for i in range(8)]
-    after = httpx.get(keyed_server.url + "/metrics", headers={"Authorization": f"Bearer {KEY}"}).json()
+    after = httpx.get(keyed_server.url + "/metrics/json", headers={"Authorization": f"Bearer {KEY}"}).json()
     assert after["rewards"]["slow"]["failed_requests"] - before["rewards"]["slow"]["failed_requests"] == 1
 
 

@@ -73,7 +73,7 @@ def test_a_1mb_prompt_gets_none_at_once_and_its_neighbours_are_scored(tiny_serve
     local = local.score(["Hi there."], [" Hello."])  # the same tiny model, scored in this process
     assert answer["rewards"][0] is None and answer["num_too_long"] == 1 and answer["num_none"] == 1
     assert answer["rewards"][1] == pytest.approx(local[0], abs=1e-5)
-    metrics = httpx.get(tiny_server.url + "/metrics").json()["rewards"]["tiny"]
+    metrics = httpx.get(tiny_server.url + "/metrics/json").json()["rewards"]["tiny"]
     assert metrics["counts"]["too_long"] >= 1
     # a short request right after is not held up
     start = time.time()
@@ -161,7 +161,7 @@ def test_a_departed_clients_queued_samples_never_reach_the_model():
         busy.join()
         time.sleep(1.2)
         assert reward.seen == ["first"]  # "gone" was dropped before any forward pass
-        metrics = httpx.get(srv.url + "/metrics").json()
+        metrics = httpx.get(srv.url + "/metrics/json").json()
         assert metrics["rewards"]["rec"]["dropped_abandoned"] == 1 and metrics["abandoned"] == 1
         assert metrics["rewards"]["rec"]["queue_depth"] == 0
 
@@ -176,7 +176,7 @@ def test_a_retried_chunk_is_scored_once_and_answered():
         values = rm.score(["p"] * 64, completions)
         assert values == [float(len(c)) for c in completions]  # (was: None after three scorings)
         assert sorted(reward.seen) == sorted(completions)  # every sample scored exactly once
-        assert httpx.get(srv.url + "/metrics").json()["idempotent_reuses"] >= 1
+        assert httpx.get(srv.url + "/metrics/json").json()["idempotent_reuses"] >= 1
 
 
 def test_a_batch_past_its_deadline_stops_at_the_next_forward_pass():
@@ -189,7 +189,7 @@ def test_a_batch_past_its_deadline_stops_at_the_next_forward_pass():
         response = httpx.post(srv.url + "/v1/rewards", json=body, timeout=60)
         assert response.status_code == 503 and "deadline of 0.05 s" in response.json()["detail"]
         assert "retry-after" in response.headers and time.time() - start < 5
-        metrics = httpx.get(srv.url + "/metrics").json()["rewards"]["t"]
+        metrics = httpx.get(srv.url + "/metrics/json").json()["rewards"]["t"]
         assert metrics["deadline_exceeded"] == 1
         assert (
             httpx.post(srv.url + "/v1/rewards", json={"prompts": ["a"], "completions": ["b"]}).status_code

@@ -6,7 +6,9 @@ Routes:
                        {"rewards", "scores", "extra_logs"}; only rewards with a failure_score, never null
     GET  /health       liveness (no key needed)
     GET  /v1/models    the hosted rewards and their batching settings
-    GET  /metrics      requests, batch sizes, queue depth and latency per reward (JSON)
+    GET  /metrics      requests, latency and batch size histograms, queue depth, samples without reward, refusals,
+                       per reward (Prometheus' text format)
+    GET  /metrics/json the same counters as JSON, with latency percentiles
 
 Every route but ``/health`` needs ``Authorization: Bearer <key>`` when the server has a key, checked in constant
 time before the body is read. POST bodies must be ``application/json``; they are read with size and time limits
@@ -48,6 +50,7 @@ from rh_trl.serve.backend import LocalBackend, ScoringBackend
 from rh_trl.serve.body import check_content_type, parse_object, read_body
 from rh_trl.serve.errors import ClientGone, RequestError
 from rh_trl.serve.idempotency import SharedCalls
+from rh_trl.serve.metrics import AppMetrics, app_json, prometheus_text
 from rh_trl.serve.protocol import header_timeout_protocol
 
 logger = logging.getLogger("rh_trl")
@@ -175,9 +178,8 @@ async def get_reward(
         values = [None] * len(prompts)
     failed = [0 if v is not None and math.isfinite(v) else 1 for v in values]
     rewards = [failure_score if bad else v for v, bad in zip(values, failed, strict=True)]
-    counts = server.counts[name]
     for key, flags in (("get_reward_failed", failed), ("get_reward_query_without_prompt", without_prompt)):
-        counts[key] = counts.get(key, 0) + sum(flags)
+        server.app_metrics.count(name, key, sum(flags))
     if any(failed):
         logger.warning(
             "%s: %d of %d /get_reward queries got no reward and were answered failure_score=%s",
@@ -215,10 +217,7 @@ class RewardServer:
         self.backend: ScoringBackend = backend if backend is not None else LocalBackend(config, rewards)
         self.calls: SharedCalls[RewardOutput] = SharedCalls(config.idempotency_ttl_s)
         self.get_reward_served = [s.name for s in config.rewards if s.failure_score is not None]
-        self.counts: dict[str, dict[str, int]] = {name: {} for name in self.specs}  # counted by the routes
-        self.started = time.time()
-        self.rejected: dict[int, int] = {}
-        self.abandoned = 0
+        self.app_metrics = AppMetrics(counts={name: {} for name in self.specs})
 
     def pick(self, model: str | None) -> str:
         if model is None:
@@ -398,14 +397,15 @@ def create_app(
 
     @app.exception_handler(RequestError)
     async def _refuse(request: Request, err: RequestError) -> Response:
-        server.rejected[err.status] = server.rejected.get(err.status, 0) + 1
+        rejected = server.app_metrics.rejected
+        rejected[err.status] = rejected.get(err.status, 0) + 1
         log = logger.warning if err.status in (429, 503) else logger.info
         log("%s %s refused: %d %s", request.method, request.url.path, err.status, err.message)
         return AsciiJSONResponse({"detail": err.message}, status_code=err.status, headers=err.headers())
 
     @app.exception_handler(ClientGone)
     async def _gone(request: Request, err: ClientGone) -> Response:
-        server.abandoned += 1
+        server.app_metrics.abandoned += 1
         client = f"{request.client[0]}:{request.client[1]}" if request.client else "a client"
         logger.info("%s %s: %s %s", request.method, request.url.path, client, err)  # one line, no traceback
         return Response(status_code=499)  # nobody reads it
@@ -452,7 +452,8 @@ def create_app(
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "models": sorted(server.specs), "uptime_s": time.time() - server.started}
+        uptime = time.time() - server.app_metrics.started
+        return {"status": "ok", "models": sorted(server.specs), "uptime_s": uptime}
 
     @app.get("/v1/models")
     async def models(request: Request) -> dict[str, Any]:
@@ -472,19 +473,19 @@ def create_app(
             )
         return {"object": "list", "data": data}
 
-    @app.get("/metrics")
-    async def metrics(request: Request) -> dict[str, Any]:
+    @app.get("/metrics", response_class=Response)
+    async def metrics(request: Request) -> Response:
+        """Prometheus' text format."""
         server.check_key(request)
-        return {
-            "uptime_s": time.time() - server.started,
-            "rejected": {str(k): v for k, v in sorted(server.rejected.items())},
-            "abandoned": server.abandoned,
-            "idempotent_reuses": server.calls.reused,
-            "rewards": {
-                name: {**values, "counts": {**values.get("counts", {}), **server.counts.get(name, {})}}
-                for name, values in server.backend.metrics().items()
-            },
-        }
+        body, content_type = prometheus_text(
+            server.app_metrics, server.calls.reused, await server.backend.metrics()
+        )
+        return Response(body, media_type=content_type)
+
+    @app.get("/metrics/json")
+    async def metrics_json(request: Request) -> dict[str, Any]:
+        server.check_key(request)
+        return app_json(server.app_metrics, server.calls.reused, await server.backend.metrics())
 
     return app
 

@@ -40,8 +40,9 @@ class ScoringBackend(Protocol):
         """Facts about reward ``name`` for ``GET /v1/models`` (its metric name, limits)."""
         ...
 
-    def metrics(self) -> dict[str, Any]:
-        """Per-reward counters for ``GET /metrics``."""
+    async def metrics(self) -> dict[str, dict[str, Any]]:
+        """Per reward, the state of its batchers added up (:func:`rh_trl.serve.metrics.merge`), for
+        ``GET /metrics``."""
         ...
 
 
@@ -103,5 +104,5 @@ class LocalBackend:
             "max_queue_wait_s": batcher.max_queue_wait_s,
         }
 
-    def metrics(self) -> dict[str, Any]:
-        return {name: b.metrics.snapshot() for name, b in self.batchers.items()}
+    async def metrics(self) -> dict[str, dict[str, Any]]:
+        return {name: b.metrics.state() for name, b in self.batchers.items()}

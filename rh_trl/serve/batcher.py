@@ -31,7 +31,6 @@ import logging
 import queue
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -39,6 +38,7 @@ from typing import Any, TypeVar
 from rh_trl.engines.deadline import DeadlineExceeded, deadline
 from rh_trl.rewards.base import Reward, RewardOutput
 from rh_trl.serve.errors import RequestError
+from rh_trl.serve.metrics import BatcherMetrics
 from rh_trl.serve.sample_cap import TokenCap
 
 logger = logging.getLogger("rh_trl")
@@ -89,53 +89,6 @@ class Job:
 
     def __len__(self) -> int:
         return len(self.prompts)
-
-
-@dataclass
-class BatcherMetrics:
-    """Counters for ``GET /metrics``."""
-
-    requests: int = 0
-    samples: int = 0
-    failed_requests: int = 0
-    batches: int = 0
-    batch_samples_max: int = 0
-    batch_requests_max: int = 0
-    queue_depth: int = 0
-    rejected_overloaded: int = 0
-    dropped_abandoned: int = 0
-    deadline_exceeded: int = 0
-    counts: dict[str, int] = field(default_factory=dict)
-    latencies: deque[float] = field(default_factory=lambda: deque(maxlen=2048))
-    compute_seconds: float = 0.0
-
-    def snapshot(self) -> dict[str, Any]:
-        lat = sorted(self.latencies)
-
-        def pct(q: float) -> float | None:
-            return lat[min(len(lat) - 1, int(q * len(lat)))] if lat else None
-
-        return {
-            "requests": self.requests,
-            "samples": self.samples,
-            "failed_requests": self.failed_requests,
-            "batches": self.batches,
-            "mean_batch_samples": self.samples / self.batches if self.batches else None,
-            "mean_batch_requests": self.requests / self.batches if self.batches else None,
-            "max_batch_samples": self.batch_samples_max,
-            "max_batch_requests": self.batch_requests_max,
-            "queue_depth": self.queue_depth,
-            "rejected_overloaded": self.rejected_overloaded,
-            "dropped_abandoned": self.dropped_abandoned,
-            "deadline_exceeded": self.deadline_exceeded,
-            "compute_seconds": self.compute_seconds,
-            "latency_seconds": {"p50": pct(0.5), "p95": pct(0.95), "max": lat[-1] if lat else None},
-            "counts": dict(self.counts),
-        }
-
-    def count(self, key: str, n: int) -> None:
-        if n:
-            self.counts[key] = self.counts.get(key, 0) + n
 
 
 def _chars(value: Any) -> int:
@@ -455,7 +408,7 @@ class DynamicBatcher:
             m.count(key, int(value))
         m.counts["none"] = m.counts.get("none", 0) + sum(r is None for r in output.rewards)
         now = time.perf_counter()
-        m.latencies.extend(now - j.enqueued for j in jobs)
+        m.observe_batch(n, (now - j.enqueued for j in jobs))
 
     def _fail(self, job: Job, err: Exception) -> None:
         self.metrics.failed_requests += 1
