@@ -4,9 +4,12 @@ the verl adapter, and 32 concurrent clients."""
 from __future__ import annotations
 
 import asyncio
+import atexit
+import os
 import socket
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -39,6 +42,8 @@ def free_port() -> int:
 class ThreadServer:
     """A uvicorn server on a free loopback port, in a thread of this process."""
 
+    kind = "uvicorn"
+
     def __init__(self, config: ServerConfig, rewards: dict) -> None:
         self.port = free_port()
         self.app = create_app(config, rewards)
@@ -60,6 +65,85 @@ class ThreadServer:
     def __exit__(self, *exc) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=30)
+
+    def metrics(self, headers: dict | None = None) -> dict:
+        """``GET /metrics/json``."""
+        return httpx.get(self.url + "/metrics/json", headers=headers).json()
+
+
+#: the servers a parametrized fixture runs on; the Ray one only under ``-m ray`` (.ci/ray.sh)
+SERVERS = ["uvicorn", pytest.param("ray", marks=pytest.mark.ray)]
+
+#: a reward replica's share of the 2 CPUs the local Ray has (several rewards and the ingress share them)
+RAY_TEST_CPUS = 0.25
+
+
+class RayServer:
+    """The same config deployed as a Ray Serve application on a local Ray (``rh-trl serve --ray``): its rewards
+    are built in the replicas from their specs, so each spec names an importable ``target``."""
+
+    kind = "ray"
+    port: int | None = None  # Serve's HTTP proxy, one per Ray session
+
+    def __init__(self, config: ServerConfig) -> None:
+        pytest.importorskip("ray")
+        rewards = []
+        for spec in config.rewards:
+            options = {"num_cpus": RAY_TEST_CPUS, **spec.ray.ray_actor_options}
+            rewards.append(
+                spec.model_copy(update={"ray": spec.ray.model_copy(update={"ray_actor_options": options})})
+            )
+        if RayServer.port is None:
+            RayServer.port = free_port()
+        ray_options = config.ray.model_copy(update={"metrics_interval_s": 0.2})
+        self.config = config.model_copy(
+            update={"rewards": rewards, "port": RayServer.port, "ray": ray_options}
+        )
+        self.url = f"http://127.0.0.1:{RayServer.port}"
+
+    def __enter__(self) -> RayServer:
+        from rh_trl.serve.ray_serve import serve_on_ray
+
+        start_local_ray()
+        serve_on_ray(self.config, blocking=False)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        from ray import serve
+
+        serve.delete(self.config.ray.app_name)
+
+    def metrics(self, headers: dict | None = None) -> dict:
+        """``GET /metrics/json`` once every replica has reported (they report every 0.2 s here)."""
+        time.sleep(1.0)
+        return httpx.get(self.url + "/metrics/json", headers=headers).json()
+
+
+def start_local_ray() -> None:
+    """A local Ray on this machine's 2 CPUs, once per test session, whose workers import this checkout (and
+    ``tests``) first."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    root = str(Path(__file__).resolve().parents[1])
+    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        logging_level="warning",
+        log_to_driver=False,
+        runtime_env={
+            "env_vars": {"PYTHONPATH": path, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+        },
+    )
+    atexit.register(ray.shutdown)
+
+
+def start_server(kind: str, config: ServerConfig, rewards: dict) -> ThreadServer | RayServer:
+    """A server of ``kind`` for ``config``: uvicorn in this process with ``rewards`` as given, or Ray Serve with
+    the rewards built from the specs' targets."""
+    return ThreadServer(config, rewards) if kind == "uvicorn" else RayServer(config)
 
 
 def server_config(**overrides) -> ServerConfig:
@@ -98,24 +182,41 @@ def max_diff(a, b) -> float:
 # -- fixtures ---------------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def server(rm_minilm, minilm_tok, rm_chatml, chatml_tok):
+def minilm_orm(name: str) -> rh_trl.ORM:
+    """The ``rm_minilm`` fixture's reward, built anew (Ray replicas build it from this target)."""
+    from rh_trl.testing import minilm_tokenizer, tiny_reward_model
+
+    tok = minilm_tokenizer()
+    return rh_trl.ORM(tiny_reward_model(tok, seed=1), tok, name=f"srv_{name}")
+
+
+def chatml_orm(name: str) -> rh_trl.ORM:
+    """The ``rm_chatml`` fixture's reward, built anew."""
+    from rh_trl.testing import bpe_tokenizer, tiny_reward_model
+
+    tok = bpe_tokenizer("chatml", vocab_size=400)
+    return rh_trl.ORM(tiny_reward_model(tok, seed=2), tok, name=f"srv_{name}")
+
+
+@pytest.fixture(scope="module", params=SERVERS)
+def server(request, rm_minilm, minilm_tok, rm_chatml, chatml_tok):
     rewards = {
         "minilm": rh_trl.ORM(rm_minilm, minilm_tok, name="srv_minilm"),
         "chatml": rh_trl.ORM(rm_chatml, chatml_tok, name="srv_chatml"),
     }
     specs = [
-        {"name": "minilm", "type": "python", "target": "unused:unused", "max_wait_ms": 20},
+        {"name": "minilm", "type": "python", "target": "tests.test_server:minilm_orm", "max_wait_ms": 20},
         {
             "name": "chatml",
             "type": "python",
-            "target": "unused:unused",
+            "target": "tests.test_server:chatml_orm",
             "max_wait_ms": 20,
             "strip_suffixes": ["<|im_end|>"],
             "failure_score": -100.0,
         },
     ]
-    with ThreadServer(server_config(rewards=specs, get_reward_default="chatml"), rewards) as srv:
+    config = server_config(rewards=specs, get_reward_default="chatml")
+    with start_server(request.param, config, rewards) as srv:
         yield srv
 
 
@@ -236,7 +337,7 @@ def test_32_clients_20_requests_each_all_correct_in_order(server, rm_chatml, cha
         reference(rm_chatml, text_ids(chatml_tok, p, c) if isinstance(p, str) else chat_ids(chatml_tok, p, c))
         for p, c in pool
     ]
-    before = httpx.get(server.url + "/metrics/json").json()["rewards"]["chatml"]
+    before = server.metrics()["rewards"]["chatml"]
 
     async def client(k: int, http: httpx.AsyncClient) -> list[tuple[list[int], list[float]]]:
         seen = []
@@ -261,7 +362,7 @@ def test_32_clients_20_requests_each_all_correct_in_order(server, rm_chatml, cha
     assert len(answered) == 32 * 20
     worst = max(max_diff(rewards, [ref[i] for i in picks]) for picks, rewards in answered)
     assert worst <= TOL
-    after = httpx.get(server.url + "/metrics/json").json()["rewards"]["chatml"]
+    after = server.metrics()["rewards"]["chatml"]
     requests = after["requests"] - before["requests"]
     batches = after["batches"] - before["batches"]
     assert requests == 640 and after["queue_depth"] == 0
@@ -273,9 +374,49 @@ def test_health_models_metrics(server):
     assert httpx.get(server.url + "/health").json()["status"] == "ok"
     models = httpx.get(server.url + "/v1/models").json()["data"]
     assert {m["id"] for m in models} == {"minilm", "chatml"}
-    metrics = httpx.get(server.url + "/metrics/json").json()
+    metrics = server.metrics()
     for key in ("requests", "batches", "queue_depth", "latency_seconds", "mean_batch_samples"):
         assert key in metrics["rewards"]["minilm"]
+
+
+def test_metrics_parse_as_prometheus_text_and_count_what_was_scored(server):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def scrape() -> dict:
+        server.metrics()  # lets the replicas of a Ray server report first
+        response = httpx.get(server.url + "/metrics")
+        assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
+        return {family.name: family for family in text_string_to_metric_families(response.text)}
+
+    def value(families: dict, name: str, suffix: str = "", **labels) -> float:
+        for sample in families[name].samples:
+            if sample.name == name + suffix and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return sample.value
+        raise AssertionError(f"no sample {name}{suffix} {labels}")
+
+    before = scrape()
+    body = {"model": "minilm", "prompts": TEXT_PROMPTS * 2, "completions": TEXT_COMPLETIONS * 2}
+    assert httpx.post(server.url + "/v1/rewards", json=body).status_code == 200
+    after = scrape()
+    grew = {
+        name: value(after, name, suffix, reward="minilm") - value(before, name, suffix, reward="minilm")
+        for name, suffix in (
+            ("rh_trl_reward_requests", "_total"),
+            ("rh_trl_reward_samples", "_total"),
+            ("rh_trl_reward_latency_seconds", "_count"),
+            ("rh_trl_reward_batch_samples", "_count"),
+        )
+    }
+    assert grew["rh_trl_reward_requests"] == 1 and grew["rh_trl_reward_samples"] == 6
+    assert grew["rh_trl_reward_latency_seconds"] == 1 and grew["rh_trl_reward_batch_samples"] >= 1
+    assert value(after, "rh_trl_reward_batch_samples", "_bucket", reward="minilm", le="+Inf") == value(
+        after, "rh_trl_reward_batch_samples", "_count", reward="minilm"
+    )
+    assert value(after, "rh_trl_reward_queue_depth", reward="minilm") == 0
+    assert value(after, "rh_trl_reward_samples_without_reward", "_total", reward="minilm") == 0
+    assert value(after, "rh_trl_reward_replicas", reward="minilm") >= 1
+    for name in ("rh_trl_rejected_requests", "rh_trl_abandoned_requests", "rh_trl_uptime_seconds"):
+        assert name in after
 
 
 def test_config_file_and_exposure_rules(tmp_path, monkeypatch):

@@ -418,7 +418,8 @@ def create_app(
         except (RequestError, ClientGone):
             raise
         except Exception as err:
-            raise RequestError(500, f"scoring failed: {type(err).__name__}: {err}") from err
+            kind = getattr(err, "type_name", type(err).__name__)  # a replica's error keeps its type's name
+            raise RequestError(500, f"scoring failed: {kind}: {err}") from err
 
     @app.post("/v1/rewards", openapi_extra=request_body(RewardRequest))
     async def rewards_route(request: Request) -> dict[str, Any]:

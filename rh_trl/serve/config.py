@@ -15,6 +15,56 @@ from rh_trl.rewards.base import Reward
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
+class RayDeploymentOptions(BaseModel):
+    """How a deployment runs on Ray Serve (``rh-trl serve --ray``; the single-process server ignores it):
+    ``num_replicas`` or ``autoscaling_config`` (Serve's: ``min_replicas``, ``max_replicas``,
+    ``target_ongoing_requests``, …), ``ray_actor_options`` per replica (``num_cpus``, ``num_gpus``, ``memory``,
+    ``resources``, …) and ``max_ongoing_requests``, the requests one replica holds at once (its batcher queues
+    them; the default, 1024, lets the batcher see every request and refuse overload with 429 itself)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    num_replicas: int | None = Field(default=None, ge=1)
+    autoscaling_config: dict[str, Any] | None = None
+    ray_actor_options: dict[str, Any] = Field(default_factory=dict)
+    max_ongoing_requests: int = Field(default=1024, ge=1)
+
+    @model_validator(mode="after")
+    def _one_way_to_scale(self) -> RayDeploymentOptions:
+        if self.num_replicas is not None and self.autoscaling_config is not None:
+            raise ValueError(
+                "give num_replicas (a fixed count) or autoscaling_config (min_replicas/max_replicas), not both"
+            )
+        return self
+
+    def deployment_options(self) -> dict[str, Any]:
+        """Keyword arguments of Serve's ``Deployment.options``."""
+        options: dict[str, Any] = {
+            "max_ongoing_requests": self.max_ongoing_requests,
+            "ray_actor_options": dict(self.ray_actor_options),
+        }
+        if self.autoscaling_config is not None:
+            options["autoscaling_config"] = dict(self.autoscaling_config)
+        else:
+            options["num_replicas"] = self.num_replicas or 1
+        return options
+
+
+class RayServeOptions(BaseModel):
+    """The Ray Serve application (``rh-trl serve --ray``): the cluster to join (``address``: ``auto`` for a
+    running one; none starts a local Ray), the application's name, its HTTP ingress deployment (the FastAPI app;
+    one replica, a quarter CPU by default) and how often each reward replica reports its metrics."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    address: str | None = None
+    app_name: str = Field(default="rh_trl", pattern=r"^[A-Za-z0-9_-]+$")
+    ingress: RayDeploymentOptions = Field(
+        default_factory=lambda: RayDeploymentOptions(ray_actor_options={"num_cpus": 0.25})
+    )
+    metrics_interval_s: float = Field(default=1.0, gt=0)
+
+
 class RewardSpec(BaseModel):
     """One hosted reward.
 
@@ -28,6 +78,8 @@ class RewardSpec(BaseModel):
     ``max_batch_items`` samples and ``max_batch_chars`` characters (a cheap proxy for tokens; the engine then
     cuts its own token-budget micro-batches), waiting at most ``max_wait_ms`` for more requests to arrive.
     ``batching: false`` scores each request on its own.
+
+    ``ray``: replicas and resources of this reward on Ray Serve (:class:`RayDeploymentOptions`).
 
     Limits: a sample with more than ``max_sample_tokens`` tokens (default: the model's context length) gets
     ``None``, counted as ``too_long``; at most ``max_queue_samples`` samples (default: 4 batches) and
@@ -61,6 +113,7 @@ class RewardSpec(BaseModel):
         description="the score /get_reward answers for a sample this reward could not score (OpenRLHF cannot "
         "hold a missing reward); a reward without one is not served on /get_reward",
     )
+    ray: RayDeploymentOptions = Field(default_factory=RayDeploymentOptions)
 
     @model_validator(mode="after")
     def _check_type_fields(self) -> RewardSpec:
@@ -102,6 +155,7 @@ class ServerConfig(BaseModel):
         default=None,
         description="the reward a /get_reward request without ?model= gets (required when several are hosted)",
     )
+    ray: RayServeOptions = Field(default_factory=RayServeOptions)
 
     @field_validator("rewards")
     @classmethod
