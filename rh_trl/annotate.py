@@ -33,7 +33,7 @@ import json
 import logging
 import math
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,11 +43,12 @@ from tqdm.auto import tqdm
 from rh_trl.command_line import help_text, json_object
 from rh_trl.datafiles import read_rows, read_yaml
 from rh_trl.options import did_you_mean
+from rh_trl.resumable import STATE_FILE, Progress, settings_changes  # noqa: F401  (re-exported)
+from rh_trl.score_command import add_ray_arguments
 
 logger = logging.getLogger("rh_trl")
 
 OUTPUTS = ("pairs.jsonl", "best_of_n.jsonl")
-STATE_FILE = "state.json"
 PAIR_MODES = ("best_worst", "all")
 
 
@@ -238,37 +239,24 @@ def file_sha256(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-def settings_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
-    """``"key: old -> new"`` for every setting that differs (missing ones shown as ``<unset>``)."""
-    unset = "<unset>"
-    return [
-        f"{key}: {old.get(key, unset)!r} -> {new.get(key, unset)!r}"
-        for key in sorted(set(old) | set(new))
-        if old.get(key, unset) != new.get(key, unset)
-    ]
+def _jsonl(rows: Sequence[Mapping[str, Any]]) -> bytes:
+    return "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows).encode()
 
 
-def _read_state(output_dir: Path) -> dict[str, Any] | None:
-    path = output_dir / STATE_FILE
-    return json.loads(path.read_text()) if path.is_file() else None
+def row_problem(row: Mapping[str, Any] | None, need_responses: bool = True) -> str | None:
+    """Why a row cannot be annotated (no ``prompt``, or no ``responses`` when nothing generates them), or
+    ``None``."""
+    if row is None:
+        return None
+    if "prompt" not in row:
+        return f"has no 'prompt' (keys: {sorted(row)})"
+    if need_responses and not row.get("responses"):
+        return "has no 'responses'; give responses or a policy to generate"
+    return None
 
 
-def _write_state(output_dir: Path, state: dict[str, Any]) -> None:
-    """Replace the state file atomically (write a temporary file, fsync, rename)."""
-    tmp = output_dir / (STATE_FILE + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, output_dir / STATE_FILE)
-
-
-def _append(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
-    with open(path, "a") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+#: ``chunks(rows_done)`` → for each chunk after the first ``rows_done`` rows, ``(prompt, responses, scores)`` per row
+ChunkSource = Callable[[int], Iterator[list[tuple[Any, list[Any], list[float | None]]]]]
 
 
 def annotate(
@@ -283,6 +271,8 @@ def annotate(
     generate: Callable[[list[Any], int], list[list[Any]]] | None = None,
     progress: bool = True,
     fingerprint: Mapping[str, Any] | None = None,
+    chunks: ChunkSource | None = None,
+    num_rows: int | None = None,
 ) -> AnnotateResult:
     """Score every row's responses and write pairs and best-of-N rows (module docstring); resumes if possible.
 
@@ -290,6 +280,8 @@ def annotate(
         rows: input rows with ``prompt`` and ``responses`` (or only ``prompt`` with ``generate``).
         generate: ``generate(prompts, chunk_index) -> responses per prompt``, for rows without responses.
         fingerprint: settings that must match for a resume (a different one is an error, not a silent mix).
+        chunks: where the scored chunks come from instead of scoring ``rows`` here (``rh-trl annotate --ray``:
+            :func:`rh_trl.ray_data.annotated_chunks`); ``num_rows`` is then the number of input rows.
     """
     if pairs not in PAIR_MODES:
         raise ValueError(f"pairs must be one of {PAIR_MODES}, got {pairs!r}")
@@ -299,67 +291,57 @@ def annotate(
     if len(weights) != len(rewards):
         raise ValueError(f"got {len(weights)} weights for {len(rewards)} rewards; expected one per reward")
     out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    total = len(rows) if num_rows is None else num_rows
     settings = {
-        "rows": len(rows),
+        "rows": total,
         "pairs": pairs,
         "margin": margin,
         "chunk_size": chunk_size,
-        "rows_sha256": rows_sha256(rows),
+        "rows_sha256": rows_sha256(rows) if chunks is None else None,
         **(fingerprint or {}),
     }
-    state = _read_state(out) or {"rows_done": 0, "sizes": {name: 0 for name in OUTPUTS}, "settings": settings}
-    expected = json.loads(json.dumps(settings))  # as stored: written as JSON (tuples became lists)
-    if state["settings"] != expected:
-        changes = "; ".join(settings_changes(state["settings"], expected))
-        raise ValueError(
-            f"{out} holds a run with other settings, so it cannot be resumed: {changes}. "
-            "Use a new output_dir, or delete the old one to start over."
-        )
-    for name in OUTPUTS:  # drop whatever a killed run appended after its last finished chunk
-        path = out / name
-        path.touch()
-        with open(path, "r+") as f:
-            f.truncate(state["sizes"][name])
-    if state["rows_done"]:
-        logger.info("resuming %s after %d of %d rows", out, state["rows_done"], len(rows))
-    counts = state.setdefault("counts", {"pairs": 0, "best": 0, "unscored": 0, "skipped_ties": 0})
-    bar = tqdm(total=len(rows), initial=state["rows_done"], desc="annotate", unit="row", disable=not progress)
-    for start in range(state["rows_done"], len(rows), chunk_size):
-        chunk = list(rows[start : start + chunk_size])
-        for k, row in enumerate(chunk):
-            if "prompt" not in row:
-                raise ValueError(f"row {start + k} has no 'prompt' (keys: {sorted(row)})")
-        prompts = [row["prompt"] for row in chunk]
-        if generate is not None:
-            responses = generate(prompts, start // chunk_size)
-        else:
-            missing = [start + k for k, row in enumerate(chunk) if not row.get("responses")]
-            if missing:
-                raise ValueError(
-                    f"row {missing[0]} has no 'responses'; give responses or a policy to generate"
-                )
-            responses = [list(row["responses"]) for row in chunk]
-        flat_prompts = [p for p, rs in zip(prompts, responses, strict=True) for _ in rs]
-        flat = [as_completion(p, r) for p, rs in zip(prompts, responses, strict=True) for r in rs]
-        scores = combined_scores(rewards, weights, flat_prompts, flat)
-        pair_rows, best_rows, pos = [], [], 0
-        for prompt, rs in zip(prompts, responses, strict=True):
-            row_scores = scores[pos : pos + len(rs)]
-            pos += len(rs)
+    restart = "Use a new output_dir, or delete the old one to start over."
+    run = Progress(out, settings, OUTPUTS, restart_hint=restart)
+    counts = run.state.setdefault("counts", {"pairs": 0, "best": 0, "unscored": 0, "skipped_ties": 0})
+
+    def local_chunks(rows_done: int) -> Iterator[list[tuple[Any, list[Any], list[float | None]]]]:
+        for start in range(rows_done, len(rows), chunk_size):
+            chunk = list(rows[start : start + chunk_size])
+            for k, row in enumerate(chunk):
+                problem = row_problem(row, need_responses=generate is None)
+                if problem:
+                    raise ValueError(f"row {start + k} {problem}")
+            prompts = [row["prompt"] for row in chunk]
+            if generate is not None:
+                responses = generate(prompts, start // chunk_size)
+            else:
+                responses = [list(row["responses"]) for row in chunk]
+            flat_prompts = [p for p, rs in zip(prompts, responses, strict=True) for _ in rs]
+            flat = [as_completion(p, r) for p, rs in zip(prompts, responses, strict=True) for r in rs]
+            scores = combined_scores(rewards, weights, flat_prompts, flat)
+            done, pos = [], 0
+            for prompt, rs in zip(prompts, responses, strict=True):
+                done.append((prompt, rs, scores[pos : pos + len(rs)]))
+                pos += len(rs)
+            yield done
+
+    bar = tqdm(total=total, initial=run.rows_done, desc="annotate", unit="row", disable=not progress)
+    for chunk in (chunks or local_chunks)(run.rows_done):
+        pair_rows, best_rows = [], []
+        for prompt, rs, row_scores in chunk:
             counts["unscored"] += sum(s is None for s in row_scores)
             new_pairs, best, tie = select(prompt, rs, row_scores, pairs, margin)
             pair_rows += new_pairs
             counts["skipped_ties"] += tie
             if best is not None:
                 best_rows.append(best)
-        _append(out / "pairs.jsonl", pair_rows)
-        _append(out / "best_of_n.jsonl", best_rows)
         counts["pairs"] += len(pair_rows)
         counts["best"] += len(best_rows)
-        state["rows_done"] = start + len(chunk)
-        state["sizes"] = {name: (out / name).stat().st_size for name in OUTPUTS}
-        _write_state(out, state)
+        run.commit(
+            len(chunk),
+            {"pairs.jsonl": _jsonl(pair_rows), "best_of_n.jsonl": _jsonl(best_rows)},
+            counts=counts,
+        )
         bar.update(len(chunk))
     bar.close()
     if counts["unscored"]:
@@ -368,7 +350,7 @@ def annotate(
         )
     return AnnotateResult(
         str(out),
-        state["rows_done"],
+        run.rows_done,
         counts["pairs"],
         counts["best"],
         counts["unscored"],
@@ -408,6 +390,7 @@ def add_annotate_command(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--use-vllm", action="store_true", default=None, help="generate with vLLM")
     p.add_argument("--seed", type=int, help="generation seed (default 0)")
     p.add_argument("--no-progress", action="store_true", default=None, help="hide the progress bar")
+    add_ray_arguments(p, "rh-trl annotate")
     p.set_defaults(func=run_annotate_command)
     return p
 
@@ -415,7 +398,7 @@ def add_annotate_command(subparsers: Any) -> argparse.ArgumentParser:
 DEFAULTS: dict[str, Any] = {
     "input": None, "output_dir": None, "rewards": None, "pairs": "best_worst", "margin": 0.0, "chunk_size": 64,
     "policy": None, "num_samples": 4, "max_new_tokens": 256, "temperature": 1.0, "use_vllm": False, "seed": 0,
-    "no_progress": False,
+    "no_progress": False, "ray": False, "ray_address": None, "ray_actors": 2, "ray_actor_options": {},
 }  # fmt: skip
 
 
@@ -447,10 +430,6 @@ def run_annotate_command(args: argparse.Namespace) -> AnnotateResult:
     from rh_trl.rewards.factory import build_rewards
 
     o = resolve_options(args)
-    rewards, weights = build_rewards(o["rewards"])
-    generate = None
-    if o["policy"]:
-        generate = _policy_generator(o)
     generation = ("num_samples", "max_new_tokens", "temperature", "seed", "use_vllm")
     fingerprint = {
         "rewards": o["rewards"],
@@ -458,10 +437,29 @@ def run_annotate_command(args: argparse.Namespace) -> AnnotateResult:
         **{key: o[key] if o["policy"] else None for key in generation},
         "input_sha256": file_sha256(o["input"]),
     }
-    result = annotate(
-        read_rows(o["input"]), o["output_dir"], rewards, weights, pairs=o["pairs"], margin=o["margin"],
-        chunk_size=o["chunk_size"], generate=generate, progress=not o["no_progress"], fingerprint=fingerprint,
-    )  # fmt: skip
+    common = {
+        "pairs": o["pairs"], "margin": o["margin"], "chunk_size": o["chunk_size"],
+        "progress": not o["no_progress"], "fingerprint": fingerprint,
+    }  # fmt: skip
+    if o["ray"]:
+        if o["policy"]:
+            raise ValueError(
+                "annotate --ray scores given responses; it does not generate them: run without --ray to "
+                "generate with a policy, or give rows with 'responses'"
+            )
+        from rh_trl.ray_data import RayOptions, annotated_chunks, count_rows
+
+        ray = RayOptions(o["ray_address"], o["ray_actors"], o["ray_actor_options"])
+        chunks = annotated_chunks(o["input"], o["rewards"], ray, o["chunk_size"])
+        result = annotate(
+            [], o["output_dir"], [], chunks=chunks, num_rows=count_rows(o["input"], ray), **common
+        )
+    else:
+        rewards, weights = build_rewards(o["rewards"])
+        generate = _policy_generator(o) if o["policy"] else None
+        result = annotate(
+            read_rows(o["input"]), o["output_dir"], rewards, weights, generate=generate, **common
+        )
     print(
         f"annotated {result.rows} rows: {result.pairs} pairs, {result.best} best-of-N rows, "
         f"{result.unscored} responses without reward, {result.skipped_ties} ties -> {result.output_dir}"

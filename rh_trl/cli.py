@@ -33,6 +33,11 @@ def _serve(args: argparse.Namespace) -> int:
             f"export {config.api_key_env}=<key> instead",
             file=sys.stderr,
         )
+    if args.ray:
+        from rh_trl.serve.ray_serve import serve_on_ray
+
+        serve_on_ray(config)
+        return 0
     from rh_trl.serve.app import serve
 
     serve(config, log_level=args.log_level)
@@ -76,6 +81,12 @@ def build_parser() -> argparse.ArgumentParser:
         "argument is visible in the process list",
     )
     srv.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    srv.add_argument(
+        "--ray",
+        action="store_true",
+        help="deploy on Ray Serve (rh_trl[ray]): a deployment per reward with the replicas and resources of its "
+        "ray: block, on the cluster at the config's ray.address (default: a local Ray)",
+    )
     srv.set_defaults(handler=_serve)
 
     from rh_trl.annotate import add_annotate_command

@@ -62,6 +62,24 @@ class ScoreSummary:
     reward: str
     counts: dict[str, int] = field(default_factory=dict)
 
+    @classmethod
+    def of(
+        cls, output: str, rewards: Sequence[float | None], reward: str, counts: dict[str, int]
+    ) -> ScoreSummary:
+        """The summary of ``rewards`` written to ``output`` by ``reward`` (its name and class)."""
+        stats = summarize(rewards)
+        return cls(
+            output=output,
+            rows=len(rewards),
+            num_none=int(stats["num_none"]),
+            mean=stats["mean"],
+            std=stats["std"],
+            min=stats["min"],
+            max=stats["max"],
+            reward=reward,
+            counts=counts,
+        )
+
     def report(self) -> str:
         lines = [f"scored {self.rows} rows with {self.reward} -> {self.output}"]
         if self.rows - self.num_none:
@@ -137,6 +155,46 @@ def check_writable(rows: Sequence[Mapping[str, Any]], path: Path) -> None:
         ) from err
 
 
+def missing_columns(row: Mapping[str, Any], prompt_column: str, completion_column: str) -> str | None:
+    """What a row lacks of the prompt and completion columns (``"has no [...] column …"``), or ``None``."""
+    missing = [c for c in (prompt_column, completion_column) if c not in row]
+    if not missing:
+        return None
+    return (
+        f"has no {missing} column (its columns: {sorted(row)}); expected a '{prompt_column}' and a "
+        f"'{completion_column}' per row (TRL's prompt-completion format)"
+    )
+
+
+def reserved_clash(names: set[str], prompt_column: str, completion_column: str) -> str | None:
+    """The columns among ``names`` that take the names of the reward call's own arguments, or ``None``."""
+    clash = sorted((names - {prompt_column, completion_column}) & set(reserved_columns()))
+    if not clash:
+        return None
+    return f"the data has column(s) {clash}, names the reward call uses for its own arguments; rename them"
+
+
+def taken_column(names: set[str], column: str) -> str | None:
+    """Why the new column's name is taken, or ``None``."""
+    if column not in names:
+        return None
+    return (
+        f"the data already has a '{column}' column; name the new one with --column (e.g. --column {column}_2)"
+    )
+
+
+def row_problem(
+    row: Mapping[str, Any], prompt_column: str, completion_column: str, column: str
+) -> str | None:
+    """Why one row cannot be scored into ``column`` (the checks of :func:`run_score`, row by row), or ``None``."""
+    names = set(row)
+    return (
+        missing_columns(row, prompt_column, completion_column)
+        or reserved_clash(names, prompt_column, completion_column)
+        or taken_column(names, column)
+    )
+
+
 def check_rows(
     rows: Sequence[Mapping[str, Any]], prompt_column: str, completion_column: str, source: str = ""
 ) -> None:
@@ -144,18 +202,12 @@ def check_rows(
     completion column, or the columns that take the names of the reward call's own arguments."""
     where = f"{source}, " if source else ""
     for number, row in enumerate(rows, start=1):
-        missing = [c for c in (prompt_column, completion_column) if c not in row]
+        missing = missing_columns(row, prompt_column, completion_column)
         if missing:
-            raise ValueError(
-                f"{where}row {number} has no {missing} column (its columns: {sorted(row)}); expected a "
-                f"'{prompt_column}' and a '{completion_column}' per row (TRL's prompt-completion format)"
-            )
-    names = {k for row in rows for k in row} - {prompt_column, completion_column}
-    clash = sorted(names & set(reserved_columns()))
+            raise ValueError(f"{where}row {number} {missing}")
+    clash = reserved_clash({k for row in rows for k in row}, prompt_column, completion_column)
     if clash:
-        raise ValueError(
-            f"the data has column(s) {clash}, names the reward call uses for its own arguments; rename them"
-        )
+        raise ValueError(clash)
 
 
 # -- scoring --------------------------------------------------------------------------------------------------
@@ -197,23 +249,15 @@ def score_rows(
 
 
 def run_score(args: argparse.Namespace) -> ScoreSummary:
-    """Run ``rh-trl score`` from parsed arguments: load, score, write, print the summary."""
+    """Run ``rh-trl score`` from parsed arguments: load, score, write, print the summary (with ``--ray``, on a
+    Ray Data actor pool: :func:`rh_trl.ray_data.score_on_ray`)."""
     output = Path(args.output) if args.output else default_output(args.data)
     if output.suffix not in OUTPUT_SUFFIXES:
         raise ValueError(f"--output must end in {' or '.join(OUTPUT_SUFFIXES)}, got {output}")
     if output.exists() and not args.overwrite:
         raise ValueError(f"{output} exists; pass --overwrite to replace it, or choose another --output")
-    rows = [plain(row) for row in read_rows(args.data)]
-    if not rows:
-        raise ValueError(f"{args.data} holds no rows")
-    taken = sorted({args.column} & {k for row in rows for k in row})
-    if taken:
-        raise ValueError(
-            f"the data already has a '{args.column}' column; name the new one with --column (e.g. --column "
-            f"{args.column}_2)"
-        )
-    check_rows(rows, args.prompt_column, args.completion_column, source=str(args.data))
-    check_writable([{**row, args.column: 0.0} for row in rows], output)
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
     from rh_trl.registry import ENGINES, FAMILIES, load
 
     for flag, value, valid in (
@@ -222,6 +266,22 @@ def run_score(args: argparse.Namespace) -> ScoreSummary:
     ):
         if value is not None and value not in valid:
             raise ValueError(f"{flag} {value!r} is not one of {', '.join(valid)}{did_you_mean(value, valid)}")
+    if getattr(args, "ray", False):
+        from rh_trl.ray_data import RayOptions, score_on_ray
+
+        actors = 2 if args.ray_actors is None else args.ray_actors
+        options = RayOptions(args.ray_address, actors, args.ray_actor_options or {})
+        summary = score_on_ray(args, output, options)
+        print(summary.report())
+        return summary
+    rows = [plain(row) for row in read_rows(args.data)]
+    if not rows:
+        raise ValueError(f"{args.data} holds no rows")
+    taken = taken_column({k for row in rows for k in row}, args.column)
+    if taken:
+        raise ValueError(taken)
+    check_rows(rows, args.prompt_column, args.completion_column, source=str(args.data))
+    check_writable([{**row, args.column: 0.0} for row in rows], output)
     reward = load(args.model, engine=args.engine, family=args.family, **(args.options or {}))
     rewards, counts = score_rows(
         reward,
@@ -232,18 +292,7 @@ def run_score(args: argparse.Namespace) -> ScoreSummary:
         progress=not args.no_progress,
     )
     write_rows([{**row, args.column: value} for row, value in zip(rows, rewards, strict=True)], output)
-    stats = summarize(rewards)
-    summary = ScoreSummary(
-        output=str(output),
-        rows=len(rows),
-        num_none=int(stats["num_none"]),
-        mean=stats["mean"],
-        std=stats["std"],
-        min=stats["min"],
-        max=stats["max"],
-        reward=f"{reward.__name__} ({type(reward).__name__})",
-        counts=counts,
-    )
+    summary = ScoreSummary.of(str(output), rewards, f"{reward.__name__} ({type(reward).__name__})", counts)
     print(summary.report())
     return summary
 
@@ -280,7 +329,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--prompt-column", default="prompt")
     parser.add_argument("--completion-column", default="completion")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    add_ray_arguments(parser, "rh-trl score")
     return parser
+
+
+def add_ray_arguments(parser: argparse.ArgumentParser, command: str) -> None:
+    """``--ray`` and its settings, shared by ``score`` and ``annotate`` (rh_trl[ray])."""
+    parser.add_argument(
+        "--ray",
+        action="store_true",
+        default=None,
+        help=f"score on a Ray Data actor pool (rh_trl[ray]); a restarted {command} --ray resumes after the last "
+        "finished block",
+    )
+    parser.add_argument(
+        "--ray-address",
+        default=None,
+        help="the Ray cluster to join ('auto': a running one; default: a local Ray)",
+    )
+    parser.add_argument(
+        "--ray-actors", type=int, default=None, help="actors in the pool, one reward load each (2)"
+    )
+    parser.add_argument(
+        "--ray-actor-options",
+        type=json_object,
+        default=None,
+        metavar="JSON",
+        help="resources of each actor, e.g. '{\"num_gpus\": 1}' (num_cpus, num_gpus, memory, resources)",
+    )
 
 
 def add_score_command(subparsers: Any) -> argparse.ArgumentParser:

@@ -10,6 +10,7 @@ import pytest
 
 import rh_trl
 import rh_trl.annotate as annotate_module
+import rh_trl.resumable as resumable
 from rh_trl.annotate import add_annotate_command, annotate
 from rh_trl.testing import bundled_prompts, tiny_model
 
@@ -70,7 +71,7 @@ def test_killed_run_restarted_writes_exactly_the_uninterrupted_rows(tmp_path, mo
     rows = dataset(n=11)
     annotate(rows, tmp_path / "full", [word_count], chunk_size=3, progress=False)
 
-    real_write, calls = annotate_module._write_state, []
+    real_write, calls = resumable.write_state, []
 
     def dying(folder, state):
         calls.append(1)
@@ -80,10 +81,10 @@ def test_killed_run_restarted_writes_exactly_the_uninterrupted_rows(tmp_path, mo
         if len(calls) == 2 and crash == "after_state":
             raise KeyboardInterrupt("killed")
 
-    monkeypatch.setattr(annotate_module, "_write_state", dying)
+    monkeypatch.setattr(resumable, "write_state", dying)
     with pytest.raises(KeyboardInterrupt):
         annotate(rows, tmp_path / "cut", [word_count], chunk_size=3, progress=False)
-    monkeypatch.setattr(annotate_module, "_write_state", real_write)
+    monkeypatch.setattr(resumable, "write_state", real_write)
     if crash == "before_state":
         assert len(read(tmp_path / "cut" / "best_of_n.jsonl")) == 6  # the half-finished chunk is on disk
     result = annotate(rows, tmp_path / "cut", [word_count], chunk_size=3, progress=False)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import signal
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -213,6 +214,7 @@ def build_application(config: ServerConfig) -> Any:
             RewardReplica,
             name=deployment_names(config)[spec.name],
             graceful_shutdown_timeout_s=config.graceful_shutdown_s,
+            logging_config={"enable_access_log": False},  # the ingress logs each request
             **spec.ray.deployment_options(),
         )
         rewards.append(deployment.bind(data, spec.name, store_app))
@@ -242,11 +244,12 @@ def app_builder(args: dict[str, str]) -> Any:
 def serve_on_ray(config: ServerConfig, *, blocking: bool = True) -> str:
     """Start (or join) Ray, deploy the application on Serve's proxy at the config's host and port, and, when
     ``blocking``, serve until interrupted, then delete the application. Returns the base URL."""
+    serve = import_serve()
     import ray
 
-    serve = import_serve()
     config.check_exposure()
-    if not ray.is_initialized():
+    started = not ray.is_initialized()
+    if started:
         ray.init(address=config.ray.address, logging_level=logging.WARNING)
     serve.start(
         http_options={"host": config.host, "port": config.port, "keep_alive_timeout_s": config.keep_alive_s}
@@ -261,11 +264,21 @@ def serve_on_ray(config: ServerConfig, *, blocking: bool = True) -> str:
     url = f"http://{config.host}:{config.port}"
     logger.info("serving %s on Ray Serve at %s", [s.name for s in config.rewards], url)
     if blocking:
+
+        def stop(signum: int, frame: Any) -> None:
+            raise KeyboardInterrupt
+
+        signal.signal(signal.SIGTERM, stop)
         try:
             while True:
                 time.sleep(3600)
         finally:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # one interrupt is enough: clean up undisturbed
+            logger.info("deleting the application %s", config.ray.app_name)
             serve.delete(config.ray.app_name)
+            if started:
+                serve.shutdown()
+                ray.shutdown()
     return url
 
 
