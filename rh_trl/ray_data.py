@@ -114,7 +114,8 @@ def scored_batches(
     batch_size: int,
 ) -> Iterator[dict[str, list[Any]]]:
     """The rows of ``data`` after the first ``skip``, scored by a pool of ``actor``s in batches of
-    ``batch_size`` rows, as finished blocks in input order (each a dict of columns)."""
+    ``batch_size`` rows, handed back in input order as blocks of one batch per actor (each a dict of
+    columns)."""
     ray = connect(options.address)
     context = ray.data.DataContext.get_current()
     context.execution_options.preserve_order = True
@@ -129,7 +130,7 @@ def scored_batches(
         compute=ray.data.ActorPoolStrategy(size=options.actors),
         **options.actor_options,
     )
-    for block in scored.iter_batches(batch_size=None, batch_format="pandas"):
+    for block in scored.iter_batches(batch_size=batch_size * options.actors, batch_format="pandas"):
         yield {name: list(block[name]) for name in block.columns}
 
 
@@ -197,7 +198,7 @@ def score_on_ray(args: Any, output: Path, options: RayOptions) -> Any:
     partial output lives in ``<output>.partial/`` until the last block is written."""
     from rh_trl.annotate import file_sha256
     from rh_trl.resumable import Progress
-    from rh_trl.score_command import ScoreSummary, write_rows
+    from rh_trl.score_command import ScoreSummary, check_writable, write_rows
 
     load_args = {
         "model": args.model,
@@ -238,7 +239,9 @@ def score_on_ray(args: Any, output: Path, options: RayOptions) -> Any:
     rewards = [None if math.isnan(v) else v for v in struct.unpack(f"<{len(raw) // 8}d", raw)]
     if output.suffix == ".parquet":
         with open(partial / "rows.jsonl", encoding="utf-8") as f:
-            write_rows([json.loads(line) for line in f], output)
+            rows = [json.loads(line) for line in f]
+        check_writable(rows, output)  # the local command's error (it checks before scoring; here, after)
+        write_rows(rows, output)
     else:
         os.replace(partial / "rows.jsonl", output)
     shutil.rmtree(partial)
