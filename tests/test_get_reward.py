@@ -13,29 +13,35 @@ from rh_trl import PRM  # noqa: E402
 from rh_trl.cli import main  # noqa: E402
 from rh_trl.testing import bpe_tokenizer, tiny_causal_lm  # noqa: E402
 
-from .test_server import ThreadServer, server_config  # noqa: E402
+from .test_server import SERVERS, ThreadServer, server_config, start_server  # noqa: E402
 from .test_server_faults import Slow  # noqa: E402
 
 TOL = 1e-5
 EOS = "</s>"
 
 
-@pytest.fixture(scope="module")
-def prm():
+def tiny_prm(name: str = "prm") -> PRM:
     """An RLHFlow-style PRM: no reward for an empty response (no steps), as real PRMs."""
     tokenizer = bpe_tokenizer("llama")
-    return PRM(tiny_causal_lm(tokenizer, seed=12).eval(), tokenizer, kind="next_token", name="prm")
+    return PRM(tiny_causal_lm(tokenizer, seed=12).eval(), tokenizer, kind="next_token", name=name)
 
 
 @pytest.fixture(scope="module")
-def server(prm):
+def prm():
+    return tiny_prm()
+
+
+@pytest.fixture(scope="module", params=SERVERS)
+def server(request, prm):
+    slow = "tests.test_server_faults:Slow"
     specs = [
-        {"name": "prm", "type": "python", "target": "x:y", "strip_suffixes": [EOS], "failure_score": -3.0},
-        {"name": "slow", "type": "python", "target": "x:y", "failure_score": 7.0},
-        {"name": "trl-only", "type": "python", "target": "x:y"},
-    ]
+        {"name": "prm", "type": "python", "target": "tests.test_get_reward:tiny_prm", "strip_suffixes": [EOS],
+         "failure_score": -3.0},
+        {"name": "slow", "type": "python", "target": slow, "failure_score": 7.0},
+        {"name": "trl-only", "type": "python", "target": slow},
+    ]  # fmt: skip
     config = server_config(rewards=specs, get_reward_default="prm")
-    with ThreadServer(config, {"prm": prm, "slow": Slow(), "trl-only": Slow()}) as srv:
+    with start_server(request.param, config, {"prm": prm, "slow": Slow(), "trl-only": Slow()}) as srv:
         yield srv
 
 
@@ -44,11 +50,11 @@ def test_unscorable_and_unprompted_queries_are_answered_and_counted(server, prm)
     responses = [" Two and two.\n\nThat is 4.", "", " Blue."]
     queries = [p + r + EOS for p, r in zip(prompts, responses, strict=True)]
     queries[2] = "(cut) colour." + responses[2] + EOS  # OpenRLHF truncated this prompt from the left
-    before = httpx.get(server.url + "/metrics/json").json()["rewards"]["prm"]["counts"]
+    before = server.metrics()["rewards"]["prm"]["counts"]
     answer = httpx.post(
         server.url + "/get_reward", json={"query": queries, "prompts": prompts, "labels": ["", "", ""]}
     ).json()
-    counts = httpx.get(server.url + "/metrics/json").json()["rewards"]["prm"]["counts"]
+    counts = server.metrics()["rewards"]["prm"]["counts"]
 
     local = prm.score([prompts[0], "", ""], [responses[0], responses[1], "(cut) colour." + responses[2]])
     assert local[1] is None  # the PRM has no reward for the empty response

@@ -99,6 +99,7 @@ class RayServer:
         self.config = config.model_copy(
             update={"rewards": rewards, "port": RayServer.port, "ray": ray_options}
         )
+        self.port = RayServer.port
         self.url = f"http://127.0.0.1:{RayServer.port}"
 
     def __enter__(self) -> RayServer:

@@ -21,7 +21,7 @@ from rh_trl.engines.http import RetryPolicy  # noqa: E402
 from rh_trl.rewards.base import Reward, RewardOutput  # noqa: E402
 from rh_trl.rewards.remote import RemoteRM  # noqa: E402
 
-from .test_server import ThreadServer, free_port, server_config  # noqa: E402
+from .test_server import SERVERS, ThreadServer, free_port, server_config, start_server  # noqa: E402
 from .trainer_runs import COMMON, prompt_dataset  # noqa: E402
 
 FAST = RetryPolicy(attempts=2, initial=0.05, max=0.1, timeout=10)
@@ -31,8 +31,8 @@ KEY = "test-key"
 class Slow(Reward):
     """Length of the completion; sleeps first, and fails on a completion that says BOOM."""
 
-    def __init__(self, delay: float = 0.0) -> None:
-        super().__init__(name="slow")
+    def __init__(self, delay: float = 0.0, name: str = "slow") -> None:
+        super().__init__(name=name)
         self.delay = delay
 
     def compute(self, batch):
@@ -118,11 +118,13 @@ def test_grpo_survives_server_kill_and_restart(tmp_path, policy, llama_tok):
 # -- bad requests ---------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def keyed_server():
-    specs = [{"name": "slow", "type": "python", "target": "unused:unused", "max_wait_ms": 100}]
+@pytest.fixture(scope="module", params=SERVERS)
+def keyed_server(request):
+    specs = [
+        {"name": "slow", "type": "python", "target": "tests.test_server_faults:Slow", "max_wait_ms": 100}
+    ]
     config = server_config(rewards=specs, api_key=KEY, max_request_bytes=4096, max_items_per_request=16)
-    with ThreadServer(config, {"slow": Slow()}) as srv:
+    with start_server(request.param, config, {"slow": Slow()}) as srv:
         yield srv
 
 
@@ -187,12 +189,12 @@ def test_a_failing_request_does_not_fail_its_batch(keyed_server):
                 *(http.post(keyed_server.url + "/v1/rewards", json=b) for b in bodies)
             )
 
-    before = httpx.get(keyed_server.url + "/metrics/json", headers={"Authorization": f"Bearer {KEY}"}).json()
+    before = keyed_server.metrics({"Authorization": f"Bearer {KEY}"})
     responses = asyncio.run(main())
     boom = responses.pop(4)
     assert boom.status_code == 500 and "BOOM" in boom.json()["detail"]
     assert [r.json()["rewards"] for r in responses] == [[float(i + 1), 1.0] for i in range(8)]
-    after = httpx.get(keyed_server.url + "/metrics/json", headers={"Authorization": f"Bearer {KEY}"}).json()
+    after = keyed_server.metrics({"Authorization": f"Bearer {KEY}"})
     assert after["rewards"]["slow"]["failed_requests"] - before["rewards"]["slow"]["failed_requests"] == 1
 
 

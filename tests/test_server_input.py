@@ -14,7 +14,7 @@ pytest.importorskip("fastapi")
 
 from rh_trl.rewards.base import Reward, RewardOutput  # noqa: E402
 
-from .test_server import ThreadServer, server_config  # noqa: E402
+from .test_server import SERVERS, RayServer, ThreadServer, server_config, start_server  # noqa: E402
 
 GOOD = {"prompts": ["a", "b"], "completions": ["xyz", "xy"]}
 
@@ -22,8 +22,8 @@ GOOD = {"prompts": ["a", "b"], "completions": ["xyz", "xy"]}
 class Length(Reward):
     """The completion's length in characters."""
 
-    def __init__(self) -> None:
-        super().__init__(name="length")
+    def __init__(self, name: str = "length") -> None:
+        super().__init__(name=name)
 
     def compute(self, batch):
         return RewardOutput(
@@ -36,16 +36,24 @@ class Length(Reward):
         )
 
 
-def length_server(**overrides) -> ThreadServer:
-    specs = overrides.pop("rewards", None) or [{"name": "len", "type": "python", "target": "x:y"}]
+def length_server(kind: str = "uvicorn", **overrides) -> ThreadServer | RayServer:
+    target = "tests.test_server_input:Length"
+    specs = overrides.pop("rewards", None) or [{"name": "len", "type": "python", "target": target}]
     rewards = {spec["name"]: Length() for spec in specs}
-    return ThreadServer(server_config(rewards=specs, **overrides), rewards)
+    return start_server(kind, server_config(rewards=specs, **overrides), rewards)
 
 
-@pytest.fixture(scope="module")
-def srv():
-    with length_server(max_request_bytes=65536, header_timeout_s=1.0, body_timeout_s=1.0) as server:
+@pytest.fixture(scope="module", params=SERVERS)
+def srv(request):
+    limits = {"max_request_bytes": 65536, "header_timeout_s": 1.0, "body_timeout_s": 1.0}
+    with length_server(request.param, **limits) as server:
         yield server
+
+
+def uvicorn_only(srv, what: str) -> None:
+    """Skip on Ray Serve what its HTTP proxy, not the app, handles there."""
+    if srv.kind == "ray":
+        pytest.skip(f"{what} is uvicorn's (rh-trl serve); on Ray Serve its HTTP proxy handles connections")
 
 
 def raw(srv, body: bytes, content_type: str | None = "application/json", path: str = "/v1/rewards"):
@@ -151,6 +159,7 @@ class _Collect(logging.Handler):
 
 
 def test_one_log_line_per_client_that_disconnects_mid_body(srv):
+    uvicorn_only(srv, "logging in the test's process")
     collect = _Collect()
     loggers = [logging.getLogger(name) for name in ("uvicorn.error", "rh_trl")]
     levels = [lg.level for lg in loggers]
@@ -203,6 +212,7 @@ def _closed_within(sock: socket.socket, seconds: float, trickle: bytes) -> tuple
 
 
 def test_slow_headers_are_cut_off(srv):
+    uvicorn_only(srv, "header_timeout_s")
     with socket.create_connection(("127.0.0.1", srv.port)) as sock:
         took, received = _closed_within(
             sock, 6, b"POST /v1/rewards HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 100
@@ -211,6 +221,7 @@ def test_slow_headers_are_cut_off(srv):
 
 
 def test_a_silent_connection_is_closed(srv):
+    uvicorn_only(srv, "header_timeout_s")
     with socket.create_connection(("127.0.0.1", srv.port)) as sock:
         sock.settimeout(5)
         start = time.time()

@@ -23,7 +23,7 @@ from rh_trl.serve.config import RewardSpec, build_reward  # noqa: E402
 from rh_trl.serve.sample_cap import TokenCap  # noqa: E402
 from rh_trl.testing import bpe_tokenizer, tiny_reward_model  # noqa: E402
 
-from .test_server import ThreadServer, free_port, server_config  # noqa: E402
+from .test_server import SERVERS, ThreadServer, free_port, server_config, start_server  # noqa: E402
 from .test_server_faults import start_subprocess_server  # noqa: E402
 
 MB_PROMPT = "word " * 200_000  # 1,000,000 characters
@@ -52,12 +52,12 @@ def python_spec(name: str = "rec", **fields) -> dict:
 # -- the token cap ----------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def tiny_server():
+@pytest.fixture(scope="module", params=SERVERS)
+def tiny_server(request):
     config = server_config(
         rewards=[{"name": "tiny", "type": "tiny", "options": {"style": "llama", "seed": 0}}]
     )
-    with ThreadServer(config, {}) as srv:
+    with start_server(request.param, config, {}) as srv:
         yield srv
 
 
@@ -73,7 +73,7 @@ def test_a_1mb_prompt_gets_none_at_once_and_its_neighbours_are_scored(tiny_serve
     local = local.score(["Hi there."], [" Hello."])  # the same tiny model, scored in this process
     assert answer["rewards"][0] is None and answer["num_too_long"] == 1 and answer["num_none"] == 1
     assert answer["rewards"][1] == pytest.approx(local[0], abs=1e-5)
-    metrics = httpx.get(tiny_server.url + "/metrics/json").json()["rewards"]["tiny"]
+    metrics = tiny_server.metrics()["rewards"]["tiny"]
     assert metrics["counts"]["too_long"] >= 1
     # a short request right after is not held up
     start = time.time()
