@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 #: the issue's bound for `import rh_trl` and `rh-trl --help` is 1.5 s; the import-time sums must stay far below
 IMPORT_BUDGET_S = 0.5
 WALL_BUDGET_S = 1.5
-HEAVY = ("torch", "transformers", "trl", "datasets", "numpy", "pandas")
+HEAVY = ("torch", "transformers", "trl", "datasets", "numpy", "pandas", "ray")
 
 
 def env(**extra: str) -> dict[str, str]:
@@ -197,3 +197,23 @@ def test_score_refuses_to_overwrite_without_the_flag(tmp_path):
     assert [r["reward"] for r in rows] == pytest.approx(expected, abs=1e-5)
     assert done.stdout.startswith(f"scored 2 rows with orm_rh_trl_tiny-rm (ORM) -> {output}")
     assert "INFO" not in done.stderr and "\n\n" not in done.stdout  # nothing the user did not ask for
+
+
+@pytest.mark.parametrize("command", ["serve", "score", "annotate"])
+def test_ray_without_ray_is_one_line_naming_the_extra(command, tmp_path, monkeypatch, capsys):
+    from rh_trl.cli import main
+
+    for name in ("ray", "ray.data", "ray.serve"):
+        monkeypatch.setitem(sys.modules, name, None)  # as if Ray were not installed
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"prompt": "a", "completion": "b", "responses": ["b"]}\n')
+    args = {
+        "serve": ["serve", "--ray", "--config", "configs/serve/ray.yaml"],
+        "score": ["score", "--ray", "--model", "rh_trl:tiny-rm", "--data", str(rows)],
+        "annotate": ["annotate", str(rows), "--ray", "--output-dir", str(tmp_path / "out"), "--reward",
+                     '{"type": "orm", "model": "rh_trl:tiny-rm"}'],
+    }[command]  # fmt: skip
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "pip install 'rh_trl[ray]'" in err, err
