@@ -195,9 +195,10 @@ def ingress_app(config_data: dict[str, Any]) -> Callable[[], Any]:
     return build
 
 
-def build_application(config: ServerConfig) -> Any:
-    """The Serve application for ``config``: the ingress, one deployment per reward, the metrics store.
-    The API key is resolved here (from the config or its environment variable) and handed to the ingress."""
+def build_application(config: ServerConfig, replica: type = RewardReplica) -> Any:
+    """The Serve application for ``config``: the ingress, one deployment per reward (of class ``replica``,
+    whose ``__init__``, ``score`` and ``describe`` are :class:`RewardReplica`'s), the metrics store. The API key
+    is resolved here (from the config or its environment variable) and handed to the ingress."""
     serve = import_serve()
     data = config.model_copy(update={"api_key": config.resolved_api_key()}).model_dump(mode="json")
     store = serve.deployment(
@@ -211,7 +212,7 @@ def build_application(config: ServerConfig) -> Any:
     rewards = []
     for spec in config.rewards:
         deployment = serve.deployment(
-            RewardReplica,
+            replica,
             name=deployment_names(config)[spec.name],
             graceful_shutdown_timeout_s=config.graceful_shutdown_s,
             logging_config={"enable_access_log": False},  # the ingress logs each request
@@ -241,9 +242,10 @@ def app_builder(args: dict[str, str]) -> Any:
     return build_application(load_config(args["config"]))
 
 
-def serve_on_ray(config: ServerConfig, *, blocking: bool = True) -> str:
-    """Start (or join) Ray, deploy the application on Serve's proxy at the config's host and port, and, when
-    ``blocking``, serve until interrupted, then delete the application. Returns the base URL."""
+def serve_on_ray(config: ServerConfig, *, blocking: bool = True, replica: type = RewardReplica) -> str:
+    """Start (or join) Ray, deploy the application (:func:`build_application`) on Serve's proxy at the
+    config's host and port, and, when ``blocking``, serve until interrupted (SIGINT or SIGTERM), then delete
+    the application. Returns the base URL."""
     serve = import_serve()
     import ray
 
@@ -258,7 +260,7 @@ def serve_on_ray(config: ServerConfig, *, blocking: bool = True) -> str:
     level = serve_logger.level
     serve_logger.setLevel(logging.ERROR)  # serve.run warns that its own default HTTP options are not applied
     try:
-        serve.run(build_application(config), name=config.ray.app_name, route_prefix="/")
+        serve.run(build_application(config, replica), name=config.ray.app_name, route_prefix="/")
     finally:
         serve_logger.setLevel(level)
     url = f"http://{config.host}:{config.port}"
