@@ -107,3 +107,34 @@ def test_several_rewards_served_without_a_default_refuse_to_start(tmp_path, caps
     )
     assert main(["serve", "--config", str(path)]) == 2  # before loading any model
     assert "Set get_reward_default" in capsys.readouterr().err
+
+
+def test_an_overloaded_reward_makes_get_reward_wait_for_room_not_fail():
+    """A full queue answers /v1/rewards with 429; /get_reward waits for room (OpenRLHF would give up after five
+    1 s retries of a 429 and lose the reward), so every OpenRLHF query gets its real score, each scored once.
+    With no wait allowed, an overloaded request gets the failure score, counted."""
+    import asyncio
+
+    from .test_server_overload import Recording, python_spec
+
+    reward = Recording(delay=0.3)
+    spec = python_spec(max_batch_items=2, max_queue_samples=4, max_wait_ms=1, failure_score=-1.0)
+    with ThreadServer(server_config(rewards=[spec], get_reward_default="rec"), {"rec": reward}) as srv:
+
+        async def burst(path: str, bodies: list[dict]) -> list[httpx.Response]:
+            async with httpx.AsyncClient(timeout=60) as http:
+                return await asyncio.gather(*(http.post(srv.url + path, json=b) for b in bodies))
+
+        queries = [f"p{'x' * (i + 1)}" for i in range(12)]
+        answers = asyncio.run(burst("/get_reward", [{"query": [q], "prompts": ["p"]} for q in queries]))
+        assert [a.status_code for a in answers] == [200] * 12
+        assert [a.json()["rewards"] for a in answers] == [[float(i + 1)] for i in range(12)]
+        assert all(a.json()["extra_logs"]["rh_trl/failed"] == [0] for a in answers)
+        assert sorted(reward.seen) == sorted(q[1:] for q in queries)  # each query scored once
+
+    impatient = server_config(rewards=[spec], get_reward_default="rec", get_reward_wait_s=0)
+    with ThreadServer(impatient, {"rec": Recording(delay=0.3)}) as srv:
+        answers = asyncio.run(burst("/get_reward", [{"query": [q], "prompts": ["p"]} for q in queries]))
+        assert [a.status_code for a in answers] == [200] * 12
+        failed = [a.json() for a in answers if a.json()["extra_logs"]["rh_trl/failed"] == [1]]
+        assert failed and all(f["rewards"] == [-1.0] for f in failed)

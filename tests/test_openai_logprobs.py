@@ -130,34 +130,28 @@ def _mock(handler) -> httpx.MockTransport:
 
 
 def test_malformed_response_is_a_clear_error(llama_tok, chatml_tok):
-    def handler(request: httpx.Request) -> httpx.Response:
+    def mocked(handler) -> DrSow:
+        return DrSow(
+            "http://strong.test",
+            "http://weak.test",
+            strong_tokenizer=llama_tok,
+            weak_tokenizer=chatml_tok,
+            engine="openai",
+            transport=_mock(handler),
+        )
+
+    def no_logprobs(request: httpx.Request) -> httpx.Response:
         n = len(json.loads(request.content)["prompt"])
         return httpx.Response(200, json={"choices": [{"index": i, "text": ""} for i in range(n)]})
 
-    drsow = DrSow(
-        "http://strong.test",
-        "http://weak.test",
-        strong_tokenizer=llama_tok,
-        weak_tokenizer=chatml_tok,
-        engine="openai",
-        transport=_mock(handler),
-    )
     with pytest.raises(MalformedResponse, match="no 'prompt_logprobs'"):
-        drsow(CONV_PROMPTS, CONV_COMPLETIONS)
+        mocked(no_logprobs)(CONV_PROMPTS, CONV_COMPLETIONS)
 
     def wrong_count(request: httpx.Request) -> httpx.Response:
         return httpx.Response(200, json={"choices": []})
 
-    drsow = DrSow(
-        "http://strong.test",
-        "http://weak.test",
-        strong_tokenizer=llama_tok,
-        weak_tokenizer=chatml_tok,
-        engine="openai",
-        transport=_mock(wrong_count),
-    )
     with pytest.raises(MalformedResponse, match=r"expected \d choices"):
-        drsow(CONV_PROMPTS, CONV_COMPLETIONS)
+        mocked(wrong_count)(CONV_PROMPTS, CONV_COMPLETIONS)
 
 
 def test_server_tokenization_differs_is_a_clear_error(servers, llama_tok, chatml_tok):

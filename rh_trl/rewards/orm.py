@@ -174,9 +174,8 @@ class ORM(Reward):
             self.tokenizer = load_tokenizer(tokenizer if tokenizer is not None else model, None)
             source = model if engine == "vllm" else served_model or tok_source or "model"
             model_name = Path(os.fspath(source)).name
-            limit = (
-                self.engine.max_sequence_length if engine == "vllm" else None
-            )  # a server says at the first call
+            # a server says its limit at the first call
+            limit = self.engine.max_sequence_length if engine == "vllm" else None
         if engine != "hf":
             pad = config.get("pad_token_id")
             self.pad_token_id = int(pad) if isinstance(pad, int) else padding_id(self.tokenizer)

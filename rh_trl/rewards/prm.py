@@ -225,9 +225,8 @@ class PRM(Reward):
                 model if engine == "vllm" else served_model or getattr(self.tokenizer, "name_or_path", "")
             )
             model_name = Path(os.fspath(source or "model")).name
-            limit = (
-                self.engine.max_sequence_length if engine == "vllm" else None
-            )  # a server says at the first call
+            # a server says its limit at the first call
+            limit = self.engine.max_sequence_length if engine == "vllm" else None
         else:
             self.model = load_model(
                 model,

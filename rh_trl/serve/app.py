@@ -163,19 +163,34 @@ async def get_reward(
         without_prompt.append(0 if matched else 1)
     columns = {"label": list(body.labels)} if body.labels is not None else {}
     extra_logs: dict[str, list[Any]] = {}
-    try:
-        output = await server.score(request, name, prompts, completions, columns)
-        values: list[float | None] = list(output.rewards)
-        extra_logs = {
-            key: column
-            for key, column in output.extra.items()
-            if all(isinstance(v, int | float) and not isinstance(v, bool) for v in column)
-        }
-    except (RequestError, ClientGone):
-        raise  # overload (429/503 with Retry-After) and departed clients: not a failed scoring
-    except Exception as err:
-        logger.error("%s: /get_reward scoring of %d queries failed: %r", name, len(prompts), err)
-        values = [None] * len(prompts)
+    loop = asyncio.get_running_loop()
+    give_up = loop.time() + server.config.get_reward_wait_s
+    while True:
+        try:
+            output = await server.score(request, name, prompts, completions, columns)
+            values: list[float | None] = list(output.rewards)
+            extra_logs = {
+                key: column
+                for key, column in output.extra.items()
+                if all(isinstance(v, int | float) and not isinstance(v, bool) for v in column)
+            }
+        except ClientGone:
+            raise  # nobody to answer
+        except RequestError as err:
+            # overload: OpenRLHF would retry a 429 five times a second apart and then lose the reward, so the
+            # request waits here for room (the queue stays bounded), then gets the failure score
+            pause = err.retry_after if err.retry_after is not None else 1.0
+            if err.status in (429, 503) and loop.time() + pause < give_up:
+                await asyncio.sleep(pause)
+                continue
+            logger.error(
+                "%s: /get_reward of %d queries could not be scored: %s", name, len(prompts), err.message
+            )
+            values = [None] * len(prompts)
+        except Exception as err:
+            logger.error("%s: /get_reward scoring of %d queries failed: %r", name, len(prompts), err)
+            values = [None] * len(prompts)
+        break
     failed = [0 if v is not None and math.isfinite(v) else 1 for v in values]
     rewards = [failure_score if bad else v for v, bad in zip(values, failed, strict=True)]
     for key, flags in (("get_reward_failed", failed), ("get_reward_query_without_prompt", without_prompt)):

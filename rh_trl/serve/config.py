@@ -155,6 +155,12 @@ class ServerConfig(BaseModel):
         default=None,
         description="the reward a /get_reward request without ?model= gets (required when several are hosted)",
     )
+    get_reward_wait_s: float = Field(
+        default=120.0,
+        ge=0,
+        description="how long a /get_reward request waits for room when the reward's queue is full (OpenRLHF gives "
+        "up after five 1 s retries of a 429 and has no reward for the sample); past it, failure_score, counted",
+    )
     ray: RayServeOptions = Field(default_factory=RayServeOptions)
 
     @field_validator("rewards")
