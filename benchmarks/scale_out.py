@@ -44,7 +44,7 @@ def parse_args() -> argparse.Namespace:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--clients", type=int, default=32)
-    parser.add_argument("--rounds", type=int, default=12, help="requests per client")
+    parser.add_argument("--rounds", type=int, default=24, help="requests per client")
     parser.add_argument("--rows", type=int, default=3000, help="rows scored by rh-trl score")
     parser.add_argument("--median", type=int, default=60, help="median completion length in tokens")
     parser.add_argument("--max-len", type=int, default=300)

@@ -190,6 +190,11 @@ def score_rows_file(path: Path, n: int, conversational: bool = True) -> Path:
     return path
 
 
+def score_args(data: Path, output: Path, *extra: str) -> list[str]:
+    """``rh-trl score`` of ``data`` into ``output`` with the offline tiny reward model."""
+    return ["score", "--model", "rh_trl:tiny-rm", "--data", str(data), "--output", str(output), *extra]
+
+
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
@@ -214,21 +219,7 @@ def scored(tmp_path_factory, local_ray):
     folder = tmp_path_factory.mktemp("score")
     data = score_rows_file(folder / "rows.jsonl", 3000)
     local = folder / "local.jsonl"
-    assert (
-        main(
-            [
-                "score",
-                "--model",
-                "rh_trl:tiny-rm",
-                "--data",
-                str(data),
-                "--output",
-                str(local),
-                "--no-progress",
-            ]
-        )
-        == 0
-    )
+    assert main(score_args(data, local, "--no-progress")) == 0
     return data, local
 
 
@@ -238,9 +229,7 @@ def test_score_on_ray_equals_the_local_command_row_for_row(scored, tmp_path, cap
     out = tmp_path / "ray.jsonl"
     from rh_trl.score_command import ScoreSummary
 
-    assert (
-        main(["score", "--model", "rh_trl:tiny-rm", "--data", str(data), "--output", str(out), "--ray"]) == 0
-    )
+    assert main(score_args(data, out, "--ray")) == 0
     printed = capsys.readouterr().out
     want = read_jsonl(local)
     assert_same_rows(read_jsonl(out), want)
@@ -261,8 +250,7 @@ def test_score_on_ray_writes_parquet_as_the_local_command(tmp_path, local_ray):
     outputs = {}
     for name, extra in (("local", []), ("ray", ["--ray"])):
         outputs[name] = tmp_path / f"{name}.parquet"
-        command = ["score", "--model", "rh_trl:tiny-rm", "--data", str(data), "--output", str(outputs[name])]
-        assert main([*command, "--no-progress", *extra]) == 0
+        assert main(score_args(data, outputs[name], "--no-progress", *extra)) == 0
     got, want = (
         [plain(r) for r in pd.read_parquet(outputs[k]).to_dict(orient="records")] for k in ("ray", "local")
     )
@@ -274,18 +262,7 @@ def test_a_restarted_score_run_does_not_score_finished_blocks_again(scored, tmp_
 
     data, local = scored
     out = tmp_path / "ray.jsonl"
-    args = [
-        "score",
-        "--model",
-        "rh_trl:tiny-rm",
-        "--data",
-        str(data),
-        "--output",
-        str(out),
-        "--ray",
-        "--batch-size",
-        "100",
-    ]
+    args = score_args(data, out, "--ray", "--batch-size", "100")
     real_write, commits = resumable.write_state, []
 
     def dying(folder, state):
