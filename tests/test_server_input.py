@@ -50,10 +50,10 @@ def srv(request):
         yield server
 
 
-def uvicorn_only(srv, what: str) -> None:
-    """Skip on Ray Serve what its HTTP proxy, not the app, handles there."""
+def uvicorn_only(srv, why: str) -> None:
+    """Skip on Ray Serve what the app does not do there."""
     if srv.kind == "ray":
-        pytest.skip(f"{what} is uvicorn's (rh-trl serve); on Ray Serve its HTTP proxy handles connections")
+        pytest.skip(f"on Ray Serve {why}")
 
 
 def raw(srv, body: bytes, content_type: str | None = "application/json", path: str = "/v1/rewards"):
@@ -159,7 +159,7 @@ class _Collect(logging.Handler):
 
 
 def test_one_log_line_per_client_that_disconnects_mid_body(srv):
-    uvicorn_only(srv, "logging in the test's process")
+    uvicorn_only(srv, "the app logs in its replica's process, not in the test's")
     collect = _Collect()
     loggers = [logging.getLogger(name) for name in ("uvicorn.error", "rh_trl")]
     levels = [lg.level for lg in loggers]
@@ -212,7 +212,7 @@ def _closed_within(sock: socket.socket, seconds: float, trickle: bytes) -> tuple
 
 
 def test_slow_headers_are_cut_off(srv):
-    uvicorn_only(srv, "header_timeout_s")
+    uvicorn_only(srv, "the HTTP proxy owns connections; header_timeout_s is uvicorn's")
     with socket.create_connection(("127.0.0.1", srv.port)) as sock:
         took, received = _closed_within(
             sock, 6, b"POST /v1/rewards HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 100
@@ -221,7 +221,7 @@ def test_slow_headers_are_cut_off(srv):
 
 
 def test_a_silent_connection_is_closed(srv):
-    uvicorn_only(srv, "header_timeout_s")
+    uvicorn_only(srv, "the HTTP proxy owns connections; header_timeout_s is uvicorn's")
     with socket.create_connection(("127.0.0.1", srv.port)) as sock:
         sock.settimeout(5)
         start = time.time()
