@@ -133,6 +133,7 @@ class ServerConfig(BaseModel):
     samples and ``max_json_depth`` levels of nesting. A retry that carries the same ``Idempotency-Key`` (and
     body) as a request in flight, or one answered in the last ``idempotency_ttl_s`` seconds, gets that answer
     instead of being scored again. On shutdown, requests in flight have ``graceful_shutdown_s`` to finish.
+    ``ray``: the application on Ray Serve (:class:`RayServeOptions`; ``rh-trl serve --ray``).
     """
 
     model_config = ConfigDict(extra="forbid")
