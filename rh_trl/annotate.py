@@ -20,6 +20,7 @@ A restart with other settings (rewards, pairing, generation settings such as see
 input rows) is refused with an error naming what changed, never mixed into the old output.
 
     rh-trl annotate data.jsonl --output-dir out/ --reward '{"type": "orm", "model": "Skywork/..."}'
+    rh-trl annotate data.jsonl --output-dir out/ --reward '…' --ray   # scored on a Ray Data actor pool
     python recipes/annotate.py --config configs/annotate/tiny.yaml
 """
 

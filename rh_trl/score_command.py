@@ -13,7 +13,9 @@ for a pairwise model). Rows are scored ``--batch-size`` at a time, in order, and
 ``.parquet``, by the output's suffix; default ``<input>.scored.jsonl``) with every input column kept and the
 reward in ``--column``; a sample without a reward gets ``null``, never a made-up number. An existing output is
 replaced only with ``--overwrite``. A short summary (rows, mean, number of nulls, the reward's counters) is
-printed.
+printed. With ``--ray`` the rows are scored on a Ray Data actor pool instead (``rh_trl[ray]``):
+the same output and summary, and a killed run started again resumes after its last
+finished block.
 """
 
 from __future__ import annotations
