@@ -1,6 +1,6 @@
 """rh_trl.DrSow's openai engine against one sequential request per sample, on the same two servers.
 
-Two OpenAI-compatible servers (``python -m rh_trl.openai_compat_server``, each a tiny causal LM with its own
+Two OpenAI-compatible servers (``python -m rh_trl.testing.openai_compat_server``, each a tiny causal LM with its own
 tokenizer, each its own process with one torch thread: the CPU analogue of one GPU per server) stand in for
 ``vllm serve``. Like vLLM, they score concurrent requests together (continuous batching).
 
@@ -110,12 +110,12 @@ def free_port() -> int:
 def serve(
     model_dir: Path, name: str, log: Path, *, threads: int, max_batch_tokens: int, batch_requests: bool
 ) -> Iterator[str]:
-    """Run ``python -m rh_trl.openai_compat_server`` on ``model_dir`` in a child process; yield its URL."""
+    """Run ``python -m rh_trl.testing.openai_compat_server`` on ``model_dir`` in a child process; yield its URL."""
     port = free_port()
     command = [
         sys.executable,
         "-m",
-        "rh_trl.openai_compat_server",
+        "rh_trl.testing.openai_compat_server",
         "--model",
         str(model_dir),
         "--served-model-name",

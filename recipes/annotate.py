@@ -1,4 +1,4 @@
-"""Best-of-N / preference annotation (the ``annotate`` command as a script); see ``rh_trl.annotate``.
+"""Best-of-N / preference annotation (the ``annotate`` command as a script); see ``rh_trl.cli.annotate``.
 
     python recipes/annotate.py --config configs/annotate/tiny.yaml
     python recipes/annotate.py data.jsonl --output-dir out/ --reward '{"type": "orm", "model": "..."}'
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 
-from rh_trl.annotate import main
+from rh_trl.cli.annotate import main
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

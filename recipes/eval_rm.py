@@ -1,5 +1,5 @@
 """Accuracy of a reward on chosen/rejected pairs — the same command as ``rh-trl eval`` (see
-``rh_trl/eval_command.py`` for every option).
+``rh_trl/cli/eval.py`` for every option).
 
     python recipes/eval_rm.py --model outputs/bt-minilm-hh --data ../shared/data/hh-rlhf-harmless/pairs.jsonl.gz \
         --split held-out --eval-fraction 0.2 --chat-template plain --max-length 128 --skip-invalid
@@ -12,7 +12,7 @@ import os
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from rh_trl.eval_command import main  # noqa: E402
+from rh_trl.cli.eval import main  # noqa: E402
 
 if __name__ == "__main__":
     main()

@@ -30,7 +30,7 @@ from _common import RewardArguments, load_policy, load_prompts, setup_logging
 from datasets import Dataset
 from trl import DPOConfig, DPOTrainer, ModelConfig, TrlParser
 
-from rh_trl.annotate import combined_scores, generate_responses, generate_responses_vllm, select
+from rh_trl.cli.annotate import combined_scores, generate_responses, generate_responses_vllm, select
 from rh_trl.rewards.factory import build_rewards
 
 logger = logging.getLogger("rh_trl.iterative_dpo")

@@ -9,9 +9,9 @@ import random
 import pytest
 
 import rh_trl
-import rh_trl.annotate as annotate_module
-import rh_trl.resumable as resumable
-from rh_trl.annotate import add_annotate_command, annotate
+import rh_trl.cli.annotate as annotate_module
+import rh_trl.cli.resumable as resumable
+from rh_trl.cli.annotate import add_annotate_command, annotate
 from rh_trl.testing import bundled_prompts, tiny_model
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 import rh_trl
-from rh_trl.command_line import report_error
+from rh_trl.cli.parser import report_error
 
 ROOT = Path(__file__).resolve().parents[1]
 #: the issue's bound for `import rh_trl` and `rh-trl --help` is 1.5 s; the import-time sums must stay far below

@@ -18,9 +18,9 @@ import torch
 from rh_trl.engines.http import MalformedResponse, RetryPolicy
 from rh_trl.engines.logprobs import TokenMismatchError
 from rh_trl.engines.openai_logprobs import OpenAILogprobClient
-from rh_trl.openai_compat_server import start_server
 from rh_trl.rewards.drsow import DrSow
 from rh_trl.testing import tiny_causal_lm
+from rh_trl.testing.openai_compat_server import start_server
 
 from .conftest import CONV_COMPLETIONS, CONV_PROMPTS, TEXT_COMPLETIONS, TEXT_PROMPTS
 

@@ -21,7 +21,7 @@ import pytest
 pytest.importorskip("ray")
 pytest.importorskip("fastapi")
 
-import rh_trl.resumable as resumable  # noqa: E402
+import rh_trl.cli.resumable as resumable  # noqa: E402
 from rh_trl.cli import main  # noqa: E402
 from rh_trl.engines.http import RetryPolicy  # noqa: E402
 from rh_trl.rewards.remote import RemoteRM  # noqa: E402
@@ -227,7 +227,7 @@ def test_score_on_ray_equals_the_local_command_row_for_row(scored, tmp_path, cap
     data, local = scored
     capsys.readouterr()
     out = tmp_path / "ray.jsonl"
-    from rh_trl.score_command import ScoreSummary
+    from rh_trl.cli.score import ScoreSummary
 
     assert main(score_args(data, out, "--ray")) == 0
     printed = capsys.readouterr().out
@@ -244,7 +244,7 @@ def test_score_on_ray_equals_the_local_command_row_for_row(scored, tmp_path, cap
 def test_score_on_ray_writes_parquet_as_the_local_command(tmp_path, local_ray):
     import pandas as pd
 
-    from rh_trl.score_command import plain
+    from rh_trl.cli.score import plain
 
     data = score_rows_file(tmp_path / "rows.jsonl", 500, conversational=False)
     outputs = {}
@@ -258,7 +258,7 @@ def test_score_on_ray_writes_parquet_as_the_local_command(tmp_path, local_ray):
 
 
 def test_a_restarted_score_run_does_not_score_finished_blocks_again(scored, tmp_path, monkeypatch):
-    import rh_trl.ray_data as ray_data
+    import rh_trl.cli.ray_data as ray_data
 
     data, local = scored
     out = tmp_path / "ray.jsonl"

@@ -9,8 +9,8 @@ import pandas as pd
 import pytest
 import torch
 
+from rh_trl.cli.score import add_score_command, main
 from rh_trl.registry import load
-from rh_trl.score_command import add_score_command, main
 from rh_trl.testing import bpe_tokenizer, tiny_causal_lm, tiny_reward_model
 
 TOL = 1e-6

@@ -41,11 +41,11 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from rh_trl.command_line import help_text, json_object
+from rh_trl.cli.parser import help_text, json_object
+from rh_trl.cli.resumable import STATE_FILE, Progress, settings_changes  # noqa: F401  (re-exported)
+from rh_trl.cli.score import add_ray_arguments
 from rh_trl.datafiles import read_rows, read_yaml
 from rh_trl.options import did_you_mean
-from rh_trl.resumable import STATE_FILE, Progress, settings_changes  # noqa: F401  (re-exported)
-from rh_trl.score_command import add_ray_arguments
 
 logger = logging.getLogger("rh_trl")
 
@@ -282,7 +282,7 @@ def annotate(
         generate: ``generate(prompts, chunk_index) -> responses per prompt``, for rows without responses.
         fingerprint: settings that must match for a resume (a different one is an error, not a silent mix).
         chunks: where the scored chunks come from instead of scoring ``rows`` here (``rh-trl annotate --ray``:
-            :func:`rh_trl.ray_data.annotated_chunks`); ``num_rows`` is then the number of input rows.
+            :func:`rh_trl.cli.ray_data.annotated_chunks`); ``num_rows`` is then the number of input rows.
     """
     if pairs not in PAIR_MODES:
         raise ValueError(f"pairs must be one of {PAIR_MODES}, got {pairs!r}")
@@ -448,7 +448,7 @@ def run_annotate_command(args: argparse.Namespace) -> AnnotateResult:
                 "annotate --ray scores given responses; it does not generate them: run without --ray to "
                 "generate with a policy, or give rows with 'responses'"
             )
-        from rh_trl.ray_data import RayOptions, annotated_chunks, count_rows
+        from rh_trl.cli.ray_data import RayOptions, annotated_chunks, count_rows
 
         ray = RayOptions(o["ray_address"], o["ray_actors"], o["ray_actor_options"])
         chunks = annotated_chunks(o["input"], o["rewards"], ray, o["chunk_size"])
@@ -498,7 +498,7 @@ def _policy_generator(o: Mapping[str, Any]) -> Callable[[list[Any], int], list[l
 
 
 def main(argv: Sequence[str] | None = None) -> AnnotateResult:
-    """``python -m rh_trl.annotate …`` / ``recipes/annotate.py``: the annotate command on its own."""
+    """``python -m rh_trl.cli.annotate …`` / ``recipes/annotate.py``: the annotate command on its own."""
     parser = argparse.ArgumentParser(prog="annotate")
     subparsers = parser.add_subparsers(dest="command", required=True)
     add_annotate_command(subparsers)

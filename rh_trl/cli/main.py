@@ -1,7 +1,7 @@
 """The ``rh-trl`` command line.
 
 The arguments are parsed before any torch-heavy module is imported, so that ``rh-trl --help`` and bad usage
-answer at once; errors are one line (:mod:`rh_trl.command_line`), with the traceback under ``--debug``.
+answer at once; errors are one line (:mod:`rh_trl.cli.parser`), with the traceback under ``--debug``.
 """
 
 from __future__ import annotations
@@ -11,11 +11,11 @@ import logging
 import sys
 
 from rh_trl import __version__
-from rh_trl.command_line import CommandLineParser, debug_requested, report_error
+from rh_trl.cli.parser import CommandLineParser, debug_requested, report_error
 
 
 def _quickstart(args: argparse.Namespace) -> int:
-    from rh_trl import quickstart
+    from rh_trl.cli import quickstart
 
     result = quickstart.run(steps=args.steps, output_dir=args.output_dir, seed=args.seed)
     print(quickstart.report(result))
@@ -89,9 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     srv.set_defaults(handler=_serve)
 
-    from rh_trl.annotate import add_annotate_command
-    from rh_trl.eval_command import add_eval_command
-    from rh_trl.score_command import add_score_command
+    from rh_trl.cli.annotate import add_annotate_command
+    from rh_trl.cli.eval import add_eval_command
+    from rh_trl.cli.score import add_score_command
 
     for add_command in (add_annotate_command, add_eval_command, add_score_command):
         add_command(commands).set_defaults(handler=_run_func)
@@ -115,7 +115,3 @@ def main(argv: list[str] | None = None) -> int:
         if debug:
             raise
         return report_error(args.command_parser.prog, err)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -17,7 +17,7 @@ as when it is scored alone, and each request gets its own prompts back in order.
 (unknown model, token out of vocabulary, too long) is answered at once and never joins a batch; a forward pass
 that fails is retried one prompt at a time, so only the requests whose own prompts fail get an error.
 
-Run it with ``python -m rh_trl.openai_compat_server --model PATH [--port 8000] [--max-batch-tokens 8192]``,
+Run it with ``python -m rh_trl.testing.openai_compat_server --model PATH [--port 8000] [--max-batch-tokens 8192]``,
 or in a thread with :func:`start_server`. Needs ``fastapi`` and ``uvicorn`` (``pip install 'rh_trl[serve]'``).
 """
 

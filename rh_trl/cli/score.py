@@ -33,7 +33,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from rh_trl.command_line import help_text, json_object
+from rh_trl.cli.parser import help_text, json_object
 from rh_trl.datafiles import read_rows
 from rh_trl.options import did_you_mean
 from rh_trl.stats import summarize
@@ -252,7 +252,7 @@ def score_rows(
 
 def run_score(args: argparse.Namespace) -> ScoreSummary:
     """Run ``rh-trl score`` from parsed arguments: load, score, write, print the summary (with ``--ray``, on a
-    Ray Data actor pool: :func:`rh_trl.ray_data.score_on_ray`)."""
+    Ray Data actor pool: :func:`rh_trl.cli.ray_data.score_on_ray`)."""
     output = Path(args.output) if args.output else default_output(args.data)
     if output.suffix not in OUTPUT_SUFFIXES:
         raise ValueError(f"--output must end in {' or '.join(OUTPUT_SUFFIXES)}, got {output}")
@@ -269,7 +269,7 @@ def run_score(args: argparse.Namespace) -> ScoreSummary:
         if value is not None and value not in valid:
             raise ValueError(f"{flag} {value!r} is not one of {', '.join(valid)}{did_you_mean(value, valid)}")
     if getattr(args, "ray", False):
-        from rh_trl.ray_data import RayOptions, score_on_ray
+        from rh_trl.cli.ray_data import RayOptions, score_on_ray
 
         actors = 2 if args.ray_actors is None else args.ray_actors
         options = RayOptions(args.ray_address, actors, args.ray_actor_options or {})
@@ -375,7 +375,7 @@ def add_score_command(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> ScoreSummary:
-    """``python -m rh_trl.score_command …``: the score command on its own."""
+    """``python -m rh_trl.cli.score …``: the score command on its own."""
     parser = argparse.ArgumentParser(
         prog="rh-trl score",
         description=help_text(__doc__),

@@ -63,7 +63,7 @@ def connect(address: str | None) -> Any:
 
 
 def _rows_as_json(batch: Any) -> dict[str, list[str]]:
-    from rh_trl.score_command import plain
+    from rh_trl.cli.score import plain
 
     return {"row": [json.dumps(plain(row), ensure_ascii=False) for row in batch.to_dict(orient="records")]}
 
@@ -152,7 +152,7 @@ class ScoreActor:
         self.batch_size = batch_size
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list[Any]]:
-        from rh_trl.score_command import row_problem, score_rows
+        from rh_trl.cli.score import row_problem, score_rows
 
         c = self.columns
         rows, problems = [], []
@@ -196,9 +196,9 @@ class ScoreActor:
 def score_on_ray(args: Any, output: Path, options: RayOptions) -> Any:
     """``rh-trl score --ray``: the local command's output and summary, scored on a Ray Data actor pool; the
     partial output lives in ``<output>.partial/`` until the last block is written."""
-    from rh_trl.annotate import file_sha256
-    from rh_trl.resumable import Progress
-    from rh_trl.score_command import ScoreSummary, check_writable, write_rows
+    from rh_trl.cli.annotate import file_sha256
+    from rh_trl.cli.resumable import Progress
+    from rh_trl.cli.score import ScoreSummary, check_writable, write_rows
 
     load_args = {
         "model": args.model,
@@ -261,7 +261,7 @@ class AnnotateActor:
         self.rewards, self.weights = build_rewards(specs)
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list[Any]]:
-        from rh_trl.annotate import as_completion, combined_scores, row_problem
+        from rh_trl.cli.annotate import as_completion, combined_scores, row_problem
 
         rows, problems = [], []
         for text in batch["row"]:
@@ -284,7 +284,7 @@ class AnnotateActor:
 def annotated_chunks(
     data: str | os.PathLike, specs: list[dict[str, Any]], options: RayOptions, chunk_size: int
 ) -> Callable[[int], Iterator[list[tuple[Any, list[Any], list[float | None]]]]]:
-    """The chunk source of :func:`rh_trl.annotate.annotate` on Ray Data: ``chunks(rows_done)`` gives, for each
+    """The chunk source of :func:`rh_trl.cli.annotate.annotate` on Ray Data: ``chunks(rows_done)`` gives, for each
     chunk of ``chunk_size`` rows after the first ``rows_done``, ``(prompt, responses, scores)`` per row, in input
     order; a bad row is a ValueError naming it."""
 

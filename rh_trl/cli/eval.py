@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import rh_trl
-from rh_trl.command_line import help_text
+from rh_trl.cli.parser import help_text
 from rh_trl.datafiles import read_yaml
 from rh_trl.evaluation import accuracy_report, plot_margins, score_pairs, shorter_reply
 from rh_trl.loading import MINILM, load_model, load_tokenizer, quiet_transformers
