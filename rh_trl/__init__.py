@@ -34,6 +34,7 @@ _EXPORTS: dict[str, str] = {
     "ChatFormatter": "rh_trl.formatting",
     "HFEngine": "rh_trl.engines",
     "ModelLoadError": "rh_trl.loading",
+    "ModelNotServedError": "rh_trl.engines.http",
     "ORMAdapter": "rh_trl.rewards",
     "Reward": "rh_trl.rewards",
     "RewardInputError": "rh_trl.formatting",
@@ -68,7 +69,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see
     from rh_trl.embedding_heads import EmbeddingHead, HeadTraining, train_heads
     from rh_trl.embeddings import EmbeddingCache, TextEncoder
     from rh_trl.engines import HFEngine
-    from rh_trl.engines.http import RetryPolicy
+    from rh_trl.engines.http import ModelNotServedError, RetryPolicy
     from rh_trl.formatting import ChatFormatter, RewardInputError, Sample
     from rh_trl.loading import ModelLoadError
     from rh_trl.registry import UnknownModelError, load, register_model, resolve
