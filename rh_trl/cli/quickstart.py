@@ -76,6 +76,19 @@ def run(
 ) -> QuickstartResult:
     """Train a tiny policy with GRPO for ``steps`` steps against a tiny reward model; return the reward curve."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    # TRL imports vLLM when it is installed; the quickstart generates without it, so its notices are noise
+    logging.getLogger("vllm").setLevel(logging.ERROR)
+    with warnings.catch_warnings():  # TRL's own warnings about things this run does not use or cannot change
+        # raised by TRL's own call into transformers
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        # raised when TRL finds a vLLM newer than it lists; the quickstart generates without vLLM
+        warnings.filterwarnings(
+            "ignore", message="TRL currently supports vLLM versions", category=UserWarning
+        )
+        return _train(steps, output_dir, seed, progress)
+
+
+def _train(steps: int, output_dir: str | None, seed: int, progress: bool) -> QuickstartResult:
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
 
@@ -121,9 +134,7 @@ def run(
     )  # the bar below shows the score; the full logs stay in log_history
     if progress:
         trainer.add_callback(_RewardBar(key, steps))
-    with warnings.catch_warnings():  # raised by TRL's own call into transformers, nothing a user can change
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        trainer.train()
+    trainer.train()
     curve = [h[key] for h in trainer.state.log_history if key in h and math.isfinite(h[key])]
     result = QuickstartResult(orm.__name__, curve, output_dir)
     result.files = save_outputs(trainer, result)
