@@ -9,6 +9,7 @@ import re
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -123,9 +124,16 @@ def bad_input_cases(tmp: Path) -> list[tuple[list[str], list[str]]]:
     ]  # fmt: skip
 
 
+def in_parallel(calls: list[dict]) -> list[subprocess.CompletedProcess]:
+    """``rh_trl_cli(*call["args"], **call["kwargs"])`` for each call, several processes at a time."""
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        return list(pool.map(lambda call: rh_trl_cli(*call["args"], **call.get("kwargs", {})), calls))
+
+
 def test_bad_input_is_one_line_with_status_2(tmp_path):
-    for args, fragments in bad_input_cases(tmp_path):
-        done = rh_trl_cli(*args, cwd=tmp_path)
+    cases = bad_input_cases(tmp_path)
+    runs = in_parallel([{"args": args, "kwargs": {"cwd": tmp_path}} for args, _ in cases])
+    for (args, fragments), done in zip(cases, runs, strict=True):
         lines = done.stderr.strip().splitlines()
         command = args[0] if args[0] != "scor" else None
         prefix = f"rh-trl {command}: error: " if command else "rh-trl: error: "
@@ -138,13 +146,17 @@ def test_bad_input_is_one_line_with_status_2(tmp_path):
 
 def test_debug_shows_the_traceback(tmp_path):
     data = write(tmp_path / "rows.jsonl", "not json\n")
-    for extra, flags in (({}, ["--debug"]), ({"RH_TRL_DEBUG": "1"}, [])):
-        done = rh_trl_cli(*flags, "score", "--model", "rh_trl:tiny-rm", "--data", str(data), **extra)
+    score = ["score", "--model", "rh_trl:tiny-rm", "--data", str(data)]
+    before, by_env, after = in_parallel(
+        [
+            {"args": ["--debug", *score]},
+            {"args": score, "kwargs": {"RH_TRL_DEBUG": "1"}},
+            {"args": [*score, "--debug"]},  # after the command too
+        ]
+    )
+    for done in (before, by_env):
         assert done.returncode == 1 and "Traceback" in done.stderr and f"{data}, line 1" in done.stderr
-    done = rh_trl_cli(
-        "score", "--model", "rh_trl:tiny-rm", "--data", str(data), "--debug"
-    )  # after the command too
-    assert "Traceback" in done.stderr
+    assert "Traceback" in after.stderr
 
 
 def test_a_failure_is_status_1_and_one_line(capsys):
