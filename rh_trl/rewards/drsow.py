@@ -43,7 +43,7 @@ from rh_trl.engines.hf import HFEngine
 from rh_trl.engines.http import RetryPolicy, run_sync
 from rh_trl.formatting import ChatFormatter, RewardInputError, Sample, encode_samples
 from rh_trl.loading import load_model, load_tokenizer, padding_id
-from rh_trl.rewards.base import Batch, Reward, RewardOutput
+from rh_trl.rewards.base import Batch, Reward, RewardOutput, reason_counts
 
 logger = logging.getLogger("rh_trl")
 
@@ -478,18 +478,17 @@ class DrSow(Reward):
     ) -> RewardOutput:
         rewards: list[float | None] = [None] * len(batch)
         logp: dict[str, list[float | None]] = {"strong": [None] * len(batch), "weak": [None] * len(batch)}
-        failures: dict[str, int] = {}
+        lost = [
+            reasons["strong"][k] or reasons["weak"][k] for k in range(len(todo))
+        ]  # the first side's reason
         for k, i in enumerate(todo):
-            lost = [reasons[side][k] for side in ("strong", "weak") if reasons[side][k] is not None]
-            if lost:
-                failures[lost[0]] = failures.get(lost[0], 0) + 1
-                continue
-            for side in ("strong", "weak"):
-                logp[side][i] = self._reduce(values[side][k])  # type: ignore[arg-type]
-            rewards[i] = logp["strong"][i] - logp["weak"][i]  # type: ignore[operator]
-        for key in ("too_long", "server_failed", "server_rejected"):
-            if self.engine_kind == "openai" or failures.get(key):
-                counts[key] = failures.get(key, 0)
+            if lost[k] is None:
+                for side in ("strong", "weak"):
+                    logp[side][i] = self._reduce(values[side][k])  # type: ignore[arg-type]
+                rewards[i] = logp["strong"][i] - logp["weak"][i]  # type: ignore[operator]
+        failures = reason_counts(lost)
+        always = ("too_long", "server_failed", "server_rejected") if self.engine_kind == "openai" else ()
+        counts.update(reason_counts(lost, always))
         if failures:
             logger.warning(
                 "%s: %d sample(s) get no reward (too long for the engine, or a server failed or refused them): %s",
