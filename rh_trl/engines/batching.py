@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 
 logger = logging.getLogger("rh_trl")
+
+V = TypeVar("V")
 
 
 def plan_batches(
@@ -109,3 +112,24 @@ def log_too_long(label: str, lengths: Sequence[int], limit: int | None) -> None:
             limit,
             max(lengths),
         )
+
+
+def run_fitting(
+    label: str,
+    sequences: Sequence[Sequence[int]],
+    limit: int | None,
+    run: Callable[[list[Sequence[int]]], Sequence[V]],
+) -> tuple[list[V | None], list[Reason]]:
+    """``run`` on the sequences of at most ``limit`` tokens, in one call, and per sequence its output and
+    ``None``; each longer sequence is never run and gets ``None`` and the reason ``"too_long"`` (logged, with
+    ``label`` naming the engine)."""
+    fits, too_long = split_by_length(sequences, limit)
+    log_too_long(label, [len(sequences[i]) for i in too_long], limit)
+    outputs = run([sequences[i] for i in fits]) if fits else []
+    if len(outputs) != len(fits):
+        raise RuntimeError(f"{label} returned {len(outputs)} outputs for {len(fits)} sequences")
+    values: list[V | None] = [None] * len(sequences)
+    reasons: list[Reason] = ["too_long"] * len(sequences)
+    for i, value in zip(fits, outputs, strict=True):
+        values[i], reasons[i] = value, None
+    return values, reasons

@@ -16,9 +16,8 @@ from rh_trl.engines.batching import (
     BatchStats,
     Reason,
     deduplicate,
-    log_too_long,
     plan_batches,
-    split_by_length,
+    run_fitting,
 )
 
 logger = logging.getLogger(__name__)
@@ -122,15 +121,9 @@ class HFEngine:
     ) -> tuple[list[torch.Tensor | None], list[Reason]]:
         """:meth:`run`, except that a sequence longer than :attr:`max_sequence_length` gets ``None`` and the
         reason ``"too_long"`` instead of running (and failing, or reading positions the model never learned)."""
-        limit = self.max_sequence_length
-        fits, too_long = split_by_length(sequences, limit)
-        log_too_long("transformers engine", [len(sequences[i]) for i in too_long], limit)
-        rows = self.run([sequences[i] for i in fits], read) if fits else []
-        out: list[torch.Tensor | None] = [None] * len(sequences)
-        reasons: list[Reason] = ["too_long"] * len(sequences)
-        for i, row in zip(fits, rows, strict=True):
-            out[i], reasons[i] = row, None
-        return out, reasons
+        return run_fitting(
+            "transformers engine", sequences, self.max_sequence_length, lambda fits: self.run(fits, read)
+        )
 
     def _forward(self, seqs: list[Sequence[int]], read: Reader, stats: BatchStats) -> list[torch.Tensor]:
         longest = max(len(s) for s in seqs)

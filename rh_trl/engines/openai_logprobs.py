@@ -114,16 +114,7 @@ class OpenAILogprobClient(SequenceBatchClient[list[float]]):
     def parse(self, answer: Any, prompts: list[list[int]]) -> list[list[float]]:
         """Read one answer: per prompt, the log-prob of every token, position 0 included as ``NaN``."""
         where = f"{self.label} server {self.pool.urls[0]}"
-        choices = answer.get("choices") if isinstance(answer, dict) else None
-        if not isinstance(choices, list) or len(choices) != len(prompts):
-            got = (
-                f"{len(choices)} choices"
-                if isinstance(choices, list)
-                else f"no 'choices' list ({str(answer)[:200]})"
-            )
-            raise MalformedResponse(f"{where}: expected {len(prompts)} choices (one per prompt), got {got}")
-        if all(isinstance(c, dict) and isinstance(c.get("index"), int) for c in choices):
-            choices = sorted(choices, key=lambda c: c["index"])
+        choices = self.entries(answer, "choices", len(prompts), where)
         return [
             self._parse_choice(c, ids, f"{where}, prompt {i}")
             for i, (c, ids) in enumerate(zip(choices, prompts, strict=True))

@@ -26,6 +26,7 @@ import httpx
 from rh_trl.engines.batching import Reason, log_too_long
 from rh_trl.engines.http import (
     HTTPPool,
+    MalformedResponse,
     RequestRejected,
     RetriesExhausted,
     RetryPolicy,
@@ -90,6 +91,18 @@ class SequenceBatchClient(Generic[V]):
     def parse(self, answer: Any, prompts: list[list[int]]) -> list[V]:
         """One value per prompt of a 200 answer (raise :class:`MalformedResponse` if it breaks the schema)."""
         raise NotImplementedError
+
+    @staticmethod
+    def entries(answer: Any, key: str, count: int, where: str) -> list[Any]:
+        """The list under ``key`` of a 200 answer: one entry per sequence sent, in the order sent (sorted by
+        ``index`` when every entry has one). Raises :class:`MalformedResponse` otherwise."""
+        found = answer.get(key) if isinstance(answer, dict) else None
+        if not isinstance(found, list) or len(found) != count:
+            got = f"{len(found)}" if isinstance(found, list) else f"no '{key}' list ({str(answer)[:200]})"
+            raise MalformedResponse(f"{where}: expected {count} {key} (one per sequence sent), got {got}")
+        if all(isinstance(e, dict) and isinstance(e.get("index"), int) for e in found):
+            found = sorted(found, key=lambda e: e["index"])
+        return found
 
     # -- the server's limits -------------------------------------------------------------------------------------
 

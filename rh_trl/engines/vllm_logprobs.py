@@ -17,7 +17,7 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from rh_trl.engines.batching import Reason, log_too_long, split_by_length
+from rh_trl.engines.batching import Reason, run_fitting
 from rh_trl.engines.logprobs import (
     TokenMismatchError,
     check_span,
@@ -74,21 +74,16 @@ class VLLMLogprobEngine(InProcessVLLM):
         for ids, (start, end) in zip(sequences, spans, strict=True):
             check_span(ids, start, end)
             cut.append([int(t) for t in ids[:end]])
-        fits, too_long = split_by_length(cut, self.max_sequence_length)
-        log_too_long(f"vLLM engine {self.name}", [len(cut[i]) for i in too_long], self.max_sequence_length)
-        outputs = (
-            self.llm.generate(
-                [TokensPrompt(prompt_token_ids=cut[i]) for i in fits], self.sampling_params, use_tqdm=False
-            )
-            if fits
-            else []
+        outputs, reasons = run_fitting(
+            f"vLLM engine {self.name}",
+            cut,
+            self.max_sequence_length,
+            lambda fits: self.llm.generate(
+                [TokensPrompt(prompt_token_ids=ids) for ids in fits], self.sampling_params, use_tqdm=False
+            ),
         )
-        if len(outputs) != len(fits):
-            raise RuntimeError(f"vLLM returned {len(outputs)} outputs for {len(fits)} prompts")
-        values: list[list[float] | None] = [None] * len(cut)
-        reasons: list[Reason] = ["too_long"] * len(cut)
-        for i, out in zip(fits, outputs, strict=True):
-            start, end = spans[i]
-            values[i] = span_logprobs_from_output(out, cut[i], start, end)
-            reasons[i] = None
+        values = [
+            None if out is None else span_logprobs_from_output(out, ids, start, end)
+            for out, ids, (start, end) in zip(outputs, cut, spans, strict=True)
+        ]
         return values, reasons

@@ -26,7 +26,7 @@ from typing import Any, Literal
 
 import torch
 
-from rh_trl.engines.batching import Reason, deduplicate, log_too_long, split_by_length
+from rh_trl.engines.batching import Reason, deduplicate, run_fitting
 from rh_trl.engines.http import MalformedResponse
 from rh_trl.engines.logprobs import TokenMismatchError
 from rh_trl.engines.server_batches import SequenceBatchClient
@@ -99,33 +99,25 @@ class VLLMPoolingEngine(InProcessVLLM):
         from vllm import PoolingParams
         from vllm.inputs import TokensPrompt
 
-        self._check_awake()
-        unique, inverse = deduplicate([tuple(int(t) for t in s) for s in sequences])
-        distinct = [list(sequences[i]) for i in unique]
-        fits, too_long = split_by_length(distinct, self.max_sequence_length)
-        log_too_long(
-            f"vLLM engine {self.name}", [len(distinct[i]) for i in too_long], self.max_sequence_length
-        )
-        outputs = (
-            self.llm.encode(
-                [TokensPrompt(prompt_token_ids=[int(t) for t in distinct[i]]) for i in fits],
+        def encode(prompts: list[list[int]]) -> list[torch.Tensor]:
+            outputs = self.llm.encode(
+                [TokensPrompt(prompt_token_ids=ids) for ids in prompts],
                 pooling_task=self.task,
                 pooling_params=PoolingParams(use_activation=False),
                 use_tqdm=False,
             )
-            if fits
-            else []
-        )
-        if len(outputs) != len(fits):
-            raise RuntimeError(f"vLLM returned {len(outputs)} outputs for {len(fits)} prompts")
-        rows: list[torch.Tensor | None] = [None] * len(distinct)
-        reasons: list[Reason] = ["too_long"] * len(distinct)
-        for i, out in zip(fits, outputs, strict=True):
-            scored = getattr(out, "prompt_token_ids", None)
-            if scored is not None and list(scored) != distinct[i]:
-                raise RuntimeError("the vLLM output belongs to other tokens than the ones sent")
-            rows[i] = torch.as_tensor(out.outputs.data, dtype=torch.float32).cpu()
-            reasons[i] = None
+            rows = []
+            for ids, out in zip(prompts, outputs, strict=False):  # run_fitting checks the count
+                scored = getattr(out, "prompt_token_ids", None)
+                if scored is not None and list(scored) != ids:
+                    raise RuntimeError("the vLLM output belongs to other tokens than the ones sent")
+                rows.append(torch.as_tensor(out.outputs.data, dtype=torch.float32).cpu())
+            return rows
+
+        self._check_awake()
+        unique, inverse = deduplicate([tuple(int(t) for t in s) for s in sequences])
+        distinct = [[int(t) for t in sequences[i]] for i in unique]
+        rows, reasons = run_fitting(f"vLLM engine {self.name}", distinct, self.max_sequence_length, encode)
         return [rows[k] for k in inverse], [reasons[k] for k in inverse]
 
 
@@ -158,14 +150,7 @@ class VLLMPoolingClient(SequenceBatchClient[torch.Tensor]):
 
     def parse(self, answer: Any, prompts: list[list[int]]) -> list[torch.Tensor]:
         where = f"{self.label} server {self.pool.urls[0]}{self.PATH}"
-        data = answer.get("data") if isinstance(answer, dict) else None
-        if not isinstance(data, list) or len(data) != len(prompts):
-            got = (
-                f"{len(data)} entries" if isinstance(data, list) else f"no 'data' list ({str(answer)[:200]})"
-            )
-            raise MalformedResponse(f"{where}: expected {len(prompts)} entries (one per input), got {got}")
-        if all(isinstance(d, dict) and isinstance(d.get("index"), int) for d in data):
-            data = sorted(data, key=lambda d: d["index"])
+        data = self.entries(answer, "data", len(prompts), where)
         usage = answer.get("usage")
         sent = sum(len(p) for p in prompts)
         if (
