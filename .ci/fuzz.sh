@@ -2,14 +2,22 @@
 # Fuzz stage: schemathesis against the reward server's own /openapi.json (request bodies included), in a bounded
 # run; any 5xx answer fails the stage. schemathesis lives in a venv of its own so that its dependencies never
 # move the versions the tests run with. One worker: hypothesis parsing lambdas on two threads trips a CPython
-# 3.11 ast bug. Run from the repository root after the package is installed.
+# 3.11 ast bug. Run from the repository root after the package is installed. The venv comes from .ci/lock/fuzz.txt;
+# RH_TRL_CI_LATEST=1 resolves schemathesis 4 from today's releases.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source .ci/lib.sh
 
-venv=${FUZZ_VENV:-/tmp/rh_trl-fuzz-venv}
+venv=${FUZZ_VENV:-${TMPDIR:-/tmp}/rh_trl-ci-fuzz}
 max_examples=${FUZZ_MAX_EXAMPLES:-150}
 max_time=${FUZZ_MAX_TIME:-180}
-[ -x "$venv/bin/st" ] || { python -m venv "$venv" && "$venv/bin/pip" install --quiet "schemathesis>=4.0,<5"; }
+ci_fresh_venv "$venv"
+if [ "$ci_latest" = 1 ]; then
+    "$venv/bin/python" -m pip install "${ci_pip_flags[@]}" "schemathesis>=4.0,<5"
+else
+    ci_install_lock "$venv/bin/python" fuzz
+fi
+ci_check_env "$venv/bin/python" fuzz
 
 port=$(python -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 log=$(mktemp)

@@ -7,18 +7,35 @@
 * ``enable_sleep_mode=True`` where vLLM has no sleep mode (e.g. on CPU) is refused with a clear message.
 * A sequence longer than the engine takes gets no value (reason ``"too_long"``) instead of failing the
   whole batch, as ``vllm.LLM`` does when one prompt of a call is over its limit.
+* Every engine still running when the interpreter exits is shut down first (``atexit``). Left to vLLM's own
+  finalizers, the engine-core process sometimes exited before its client, and the interpreter then aborted
+  with "terminate called without an active exception" (exit status 134).
 
 vLLM is an optional dependency: ``pip install 'rh_trl[vllm]'``.
 """
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
+import weakref
 from pathlib import Path
 from typing import Any
 
 logger = logging.getLogger("rh_trl")
+
+_running: weakref.WeakSet[InProcessVLLM] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_running_engines() -> None:
+    """Shut down the engines still running, before vLLM's own finalizers run at exit."""
+    for engine in list(_running):
+        try:
+            engine.close()
+        except Exception as err:  # exiting anyway: say so, never mask the exit status
+            logger.warning("could not shut down the vLLM engine for %s at exit: %s", engine.model, err)
 
 
 def import_vllm() -> Any:
@@ -114,6 +131,7 @@ class InProcessVLLM:
         )
         self.max_model_len = int(self.llm.model_config.max_model_len)
         self.asleep = False
+        _running.add(self)
 
     @property
     def max_sequence_length(self) -> int:
@@ -142,7 +160,8 @@ class InProcessVLLM:
             self.asleep = False
 
     def close(self) -> None:
-        """Stop the engine's worker processes now (they also stop when this process exits)."""
+        """Stop the engine's worker processes now (done at exit for engines still running); idempotent."""
+        _running.discard(self)
         core = getattr(getattr(self.llm, "llm_engine", None), "engine_core", None)
         if core is not None and callable(getattr(core, "shutdown", None)):
             core.shutdown()
