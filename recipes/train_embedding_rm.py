@@ -120,9 +120,9 @@ def build_encoder(args: EmbeddingRMArguments) -> TextEncoder:
     model: Any = args.encoder_model
     tokenizer = None
     if model.startswith(TINY_PREFIX):
-        from rh_trl.testing import tiny_model
+        from rh_trl.loading import offline_model
 
-        model, tokenizer = tiny_model(model[len("rh_trl:") :], seed=args.seed)
+        model, tokenizer = offline_model(model, seed=args.seed)
     chat_template: str | bool | None = False if args.chat_template == "plain" else args.chat_template
     return TextEncoder(
         model,

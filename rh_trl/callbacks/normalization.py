@@ -10,12 +10,14 @@ from a checkpoint, so a resumed run normalizes exactly as an uninterrupted one.
     normalizer = RewardNormalizer([orm, brevity], clip=5.0)
     trainer = GRPOTrainer(..., reward_funcs=normalizer.rewards, callbacks=[normalizer])
 
-With several processes, each call's statistics are merged across processes (when ``torch.distributed`` is
-initialized), so every process holds the same running state.
+In a trainer on several processes every process adds the whole call's values, all processes' shares in rank
+order (:mod:`rh_trl.distributed`), so every process holds the same running state, that of one process scoring
+the whole call; a call outside a trainer (``reward.score(...)``) adds only its own values.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -28,6 +30,7 @@ from typing import Any
 from transformers import TrainerCallback
 
 from rh_trl.callbacks._wrapping import call_reward, check_wrappable, reward_name
+from rh_trl.distributed import RankExchange
 
 logger = logging.getLogger("rh_trl")
 
@@ -74,20 +77,6 @@ def batch_moments(values: Sequence[float]) -> tuple[int, float, float]:
     return len(values), mean, math.fsum((v - mean) ** 2 for v in values)
 
 
-def _all_processes(moments: tuple[int, float, float]) -> list[tuple[int, float, float]]:
-    """Every process's batch moments, in rank order (just this one's without torch.distributed)."""
-    import torch
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return [moments]
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
-    local = torch.tensor(moments, dtype=torch.float64, device=device)
-    gathered = [torch.empty_like(local) for _ in range(dist.get_world_size())]
-    dist.all_gather(gathered, local)
-    return [(int(t[0].item()), float(t[1].item()), float(t[2].item())) for t in gathered]
-
-
 class NormalizedReward:
     """``reward``'s values whitened by running statistics and clipped; ``None`` passes through.
 
@@ -112,6 +101,7 @@ class NormalizedReward:
         self.update = update
         self.moments = RunningMoments()
         self.__name__ = reward_name(reward)
+        self._ranks = RankExchange(self.__name__, scope="reward_norm")
 
     def __getattr__(self, name: str) -> Any:
         if name == "reward":
@@ -130,11 +120,14 @@ class NormalizedReward:
         completion_ids: Sequence[Sequence[int]] | None = None,
         **kwargs: Any,
     ) -> list[float | None]:
-        values = call_reward(self.reward, prompts, completions, completion_ids, kwargs)
-        valid = [float(v) for v in values if v is not None and not math.isnan(v)]
+        ranks = self._ranks.call(kwargs, (self.clip, self.eps, self.update))
+        with ranks or contextlib.nullcontext():  # a failure here is raised on every process
+            values = call_reward(self.reward, prompts, completions, completion_ids, kwargs)
+            valid = [float(v) for v in values if v is not None and not math.isnan(v)]
+            if ranks is not None:  # the whole call's values, as one process would see them
+                valid = [v for share in ranks.gather("values", valid) for v in share]
         if self.update:
-            for moments in _all_processes(batch_moments(valid)):
-                self.moments.merge(*moments)
+            self.moments.merge(*batch_moments(valid))
         log_metric = kwargs.get("log_metric")
         if log_metric is not None:
             log_metric(f"reward_norm/{self.__name__}/running_mean", self.moments.mean)

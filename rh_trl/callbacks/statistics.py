@@ -16,10 +16,15 @@ GRPO's ``[p1, p1, p2, p2]`` and online DPO's ``[p1, p2, p1, p2]`` alike); ``grou
 runs of that many completions, and a call that does not hold whole runs of one prompt each reports NaN for the
 group metric, with a warning. A group needs at least two rewards to count. Undefined (NaN) statistics are not
 logged. Trainers that pass no ``log_metric`` (online DPO) leave the numbers in ``last_stats``.
+
+In a trainer on several processes the statistics describe the whole call: every process's rewards, lengths and
+prompt fingerprints are exchanged (:mod:`rh_trl.distributed`), so min, max, percentiles and groups are those of all
+completions, and every process logs the same numbers.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from collections.abc import Callable, Sequence
@@ -28,8 +33,9 @@ from typing import Any
 import numpy as np
 
 from rh_trl.callbacks._wrapping import call_reward, check_wrappable, reward_name
+from rh_trl.distributed import RankExchange
 from rh_trl.formatting import RewardInputError
-from rh_trl.grouping import prompt_groups
+from rh_trl.grouping import groups_of_keys, prompt_digest
 
 logger = logging.getLogger("rh_trl")
 
@@ -69,6 +75,10 @@ def reward_statistics(
     stats["length_corr"] = _pearson(values, np.array([n for _, n in valid], dtype=np.float64))
     stats["frac_zero_spread_groups"] = _zero_spread(rewards, groups)
     return {k: float(v) for k, v in stats.items()}
+
+
+def _digest(prompt: Any) -> bytes | None:
+    return None if prompt is None else prompt_digest(prompt)
 
 
 def _valid(r: float | None) -> bool:
@@ -120,12 +130,13 @@ class WithStatistics:
         self.__name__ = reward_name(reward)
         self.last_stats: dict[str, float] = {}
         self._warned = False
+        self._ranks = RankExchange(self.__name__, scope=prefix)
         if group_size is not None and group_size < 2:
             raise ValueError(f"group_size must be at least 2 (GRPO's num_generations), got {group_size}")
 
-    def _groups(self, prompts: Sequence[Any]) -> list[list[int]] | None:
+    def _groups(self, keys: Sequence[bytes | None]) -> list[list[int]] | None:
         try:
-            return prompt_groups(prompts, self.group_size)
+            return groups_of_keys(keys, self.group_size)
         except RewardInputError as err:  # a statistic never stops training: NaN, and say why
             if not self._warned:
                 logger.warning("%s: frac_zero_spread_groups is not reported: %s", self.__name__, err)
@@ -144,9 +155,13 @@ class WithStatistics:
         completion_ids: Sequence[Sequence[int]] | None = None,
         **kwargs: Any,
     ) -> list[float | None]:
-        values = call_reward(self.reward, prompts, completions, completion_ids, kwargs)
-        lengths = completion_lengths(completions, completion_ids)
-        self.last_stats = reward_statistics(values, lengths, self._groups(prompts))
+        ranks = self._ranks.call(kwargs, self.group_size)
+        with ranks or contextlib.nullcontext():  # a failure here is raised on every process
+            values = call_reward(self.reward, prompts, completions, completion_ids, kwargs)
+            share = (values, completion_lengths(completions, completion_ids), [_digest(p) for p in prompts])
+            shares = [share] if ranks is None else ranks.gather("values", share)  # the whole call, rank order
+        everything = [[x for part in shares for x in part[k]] for k in range(3)]
+        self.last_stats = reward_statistics(everything[0], everything[1], self._groups(everything[2]))
         log_metric = kwargs.get("log_metric")
         if log_metric is not None:
             for key, value in self.last_stats.items():

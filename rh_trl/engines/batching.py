@@ -119,13 +119,15 @@ def run_fitting(
     sequences: Sequence[Sequence[int]],
     limit: int | None,
     run: Callable[[list[Sequence[int]]], Sequence[V]],
+    run_empty: bool = False,
 ) -> tuple[list[V | None], list[Reason]]:
     """``run`` on the sequences of at most ``limit`` tokens, in one call, and per sequence its output and
     ``None``; each longer sequence is never run and gets ``None`` and the reason ``"too_long"`` (logged, with
-    ``label`` naming the engine)."""
+    ``label`` naming the engine). ``run`` is skipped when nothing fits, unless ``run_empty`` (an engine that
+    must take part in every call)."""
     fits, too_long = split_by_length(sequences, limit)
     log_too_long(label, [len(sequences[i]) for i in too_long], limit)
-    outputs = run([sequences[i] for i in fits]) if fits else []
+    outputs = run([sequences[i] for i in fits]) if fits or run_empty else []
     if len(outputs) != len(fits):
         raise RuntimeError(f"{label} returned {len(outputs)} outputs for {len(fits)} sequences")
     values: list[V | None] = [None] * len(sequences)

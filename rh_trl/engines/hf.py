@@ -51,6 +51,11 @@ class HFEngine:
         batch_overhead_tokens: what one extra forward pass costs, in padded tokens; the batch planner trades
             it against padding (lower: more, tighter batches; higher: fewer, fuller ones).
         progress: show a tqdm bar over micro-batches.
+        sharded: the model is sharded over the processes with DeepSpeed ZeRO-3 (:mod:`rh_trl.engines.zero3`):
+            prepared with the run's ZeRO-3 config at the first run, and its forward passes run in step on every
+            process, which therefore all run the same number of micro-batches (a process with fewer runs one-token
+            passes whose outputs it drops). It runs only inside a trainer's call (every process calls it) or on one
+            process; an out-of-memory error is not retried in halves.
     """
 
     def __init__(
@@ -61,10 +66,14 @@ class HFEngine:
         max_batch_size: int | None = None,
         progress: bool = False,
         batch_overhead_tokens: int = 1024,
+        sharded: bool = False,
     ) -> None:
         if pad_token_id is None:
             raise ValueError("HFEngine needs a pad_token_id to build batches")
         self.model = model.eval()
+        self.module = self.model  # the model itself (self.model becomes DeepSpeed's engine once sharded)
+        self.sharded = sharded
+        self._prepared = False
         self.pad_token_id = int(pad_token_id)
         self.max_tokens_per_batch = max_tokens_per_batch
         self.max_batch_size = max_batch_size
@@ -79,17 +88,17 @@ class HFEngine:
     def device(self) -> torch.device:
         """Where inputs go: the device of the model's input embeddings."""
         try:
-            return self.model.get_input_embeddings().weight.device
+            return self.module.get_input_embeddings().weight.device
         except (AttributeError, NotImplementedError):
-            return next(self.model.parameters()).device
+            return next(self.module.parameters()).device
 
     @property
     def max_sequence_length(self) -> int | None:
         """The longest sequence the model's position embeddings cover (``config.max_position_embeddings``), when
         its config says."""
-        config = getattr(self.model, "config", None)
+        config = getattr(self.module, "config", None)
         if config is None:  # a wrapper around a model (e.g. one that computes only some logits)
-            config = getattr(getattr(self.model, "model", None), "config", None)
+            config = getattr(getattr(self.module, "model", None), "config", None)
         value = getattr(config, "max_position_embeddings", None)
         return value if isinstance(value, int) and value > 0 else None
 
@@ -106,15 +115,41 @@ class HFEngine:
         )
         rows: list[torch.Tensor | None] = [None] * len(unique)
         stats = BatchStats(sequences=len(sequences), unique_sequences=len(unique))
+        in_step = self._in_step_passes(len(batches)) if self.sharded else len(batches)
         with torch.inference_mode():
             for batch in tqdm(batches, desc="scoring", unit="batch", disable=not self.progress):
                 deadline.check()
                 seqs = [sequences[unique[j]] for j in batch]
                 for j, row in zip(batch, self._forward(seqs, read, stats), strict=True):
                     rows[j] = row
+            for _ in range(in_step - len(batches)):  # the other processes' extra passes need this one too
+                self._forward([[self.pad_token_id]], read, BatchStats())
         stats.seconds = time.perf_counter() - start
         self.last_stats = stats
         return [rows[k] for k in inverse]  # type: ignore[misc]
+
+    def _in_step_passes(self, own: int) -> int:
+        """The number of forward passes every process runs for this call of a sharded model (the most any
+        process needs); prepares the model at the first call."""
+        import torch.distributed as dist
+
+        from rh_trl.distributed import current_call
+        from rh_trl.engines.zero3 import prepare_sharded
+
+        call = current_call()
+        several = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        if several and call is None:
+            raise RuntimeError(
+                "this reward model is sharded over the processes (zero3=True), so its forward passes need every "
+                "process: it scores inside a trainer's calls, which every process makes together, not in a call on "
+                "one process (reward.score(...)); load it with zero3=False for that"
+            )
+        if not self._prepared:
+            self.model = prepare_sharded(self.module)
+            self._prepared = True
+        if call is None:
+            return own
+        return max(call.gather(call.phase("forwards"), own))
 
     def run_checked(
         self, sequences: Sequence[Sequence[int]], read: Reader = read_logits
@@ -122,7 +157,11 @@ class HFEngine:
         """:meth:`run`, except that a sequence longer than :attr:`max_sequence_length` gets ``None`` and the
         reason ``"too_long"`` instead of running (and failing, or reading positions the model never learned)."""
         return run_fitting(
-            "transformers engine", sequences, self.max_sequence_length, lambda fits: self.run(fits, read)
+            "transformers engine",
+            sequences,
+            self.max_sequence_length,
+            lambda fits: self.run(fits, read),
+            run_empty=self.sharded,
         )
 
     def _forward(self, seqs: list[Sequence[int]], read: Reader, stats: BatchStats) -> list[torch.Tensor]:
@@ -138,7 +177,7 @@ class HFEngine:
             outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, **self._forward_kwargs)
             kept = read(outputs, input_ids, attention_mask).float().cpu()
         except torch.OutOfMemoryError:
-            if len(seqs) == 1:
+            if len(seqs) == 1 or self.sharded:  # a sharded model's passes are counted: no extra ones
                 raise
             del input_ids, attention_mask
             if torch.cuda.is_available():

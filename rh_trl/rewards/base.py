@@ -14,6 +14,7 @@ A reward is deliberately *not* an ``nn.Module``: TRL routes modules to its own b
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import threading
@@ -24,6 +25,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from rh_trl.distributed import RankCall, RankExchange
 from rh_trl.formatting import RewardInputError, Sample, check_batch, to_sample
 from rh_trl.stats import summarize
 
@@ -92,7 +94,11 @@ class RewardOutput:
 
 @dataclass
 class Batch:
-    """A validated call: samples (``None`` where a pair could not be read), raw inputs and dataset columns."""
+    """A validated call: samples (``None`` where a pair could not be read), raw inputs and dataset columns.
+
+    ``ranks`` is set when the call is a trainer's call on several processes: this batch is then this process's
+    share, and rewards that need whole groups exchange the rest through it (:mod:`rh_trl.distributed`).
+    """
 
     samples: list[Sample | None]
     prompts: Sequence[Any]
@@ -100,6 +106,7 @@ class Batch:
     completion_ids: Sequence[Sequence[int]] | None
     columns: dict[str, Any]
     errors: list[str | None]
+    ranks: RankCall | None = None
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -146,6 +153,7 @@ class Reward(ABC):
         self.text_as_chat = text_as_chat
         self.log_stats = log_stats
         self.last_stats: dict[str, float] = {}
+        self._ranks = RankExchange(self.__name__)
 
     # -- the TRL entry point ----------------------------------------------------------------------------------
 
@@ -156,8 +164,10 @@ class Reward(ABC):
         completion_ids: Sequence[Sequence[int]] | None = None,
         **kwargs: Any,
     ) -> list[float | None]:
-        call = self._start_call(prompts, completions, completion_ids, kwargs)
-        return self._finish_call(call, self.compute(call.batch))
+        ranks = self._ranks.call(kwargs, self.rank_settings())
+        with ranks or contextlib.nullcontext():
+            call = self._start_call(prompts, completions, completion_ids, kwargs, ranks)
+            return self._finish_call(call, self.compute(call.batch))
 
     def score(self, prompts: Sequence[Any], completions: Sequence[Any], **columns: Any) -> list[float | None]:
         """Score prompt/completion pairs outside a trainer (same numbers as calling the reward)."""
@@ -184,6 +194,11 @@ class Reward(ABC):
     def compute(self, batch: Batch) -> RewardOutput:
         """Compute one value per sample of ``batch`` (``batch.samples[i] is None`` → reward ``None``)."""
 
+    def rank_settings(self) -> Any:
+        """What must be equal on every process of a trainer for its calls to be exchanged (e.g. how completions
+        are grouped); a process with other settings is an error. ``None``: nothing beyond the call itself."""
+        return None
+
     # -- internals --------------------------------------------------------------------------------------------
 
     def _start_call(
@@ -192,6 +207,7 @@ class Reward(ABC):
         completions: Sequence[Any],
         completion_ids: Sequence[Sequence[int]] | None,
         kwargs: dict[str, Any],
+        ranks: RankCall | None = None,
     ) -> _Call:
         """Separate TRL's logging hooks and trainer arguments from dataset columns, and validate the batch."""
         log_metric = kwargs.pop("log_metric", None)
@@ -199,9 +215,9 @@ class Reward(ABC):
         for key in self.TRAINER_KWARGS:
             kwargs.pop(key, None)
         start = time.perf_counter()
-        return _Call(
-            self._make_batch(prompts, completions, completion_ids, kwargs), start, log_metric, log_extra
-        )
+        batch = self._make_batch(prompts, completions, completion_ids, kwargs)
+        batch.ranks = ranks
+        return _Call(batch, start, log_metric, log_extra)
 
     def _finish_call(self, call: _Call, output: RewardOutput) -> list[float | None]:
         """Check the computed output, report statistics, and return the rewards."""
@@ -263,9 +279,18 @@ class Reward(ABC):
         log_metric: Callable[[str, float], None] | None,
         log_extra: Callable[[str, list], None] | None,
     ) -> None:
-        stats = summarize(output.rewards)
+        rewards, counts = output.rewards, output.counts
+        if batch.ranks is not None:  # a trainer's call on several processes: statistics of every completion
+            shares = batch.ranks.gather("report", (output.rewards, output.counts, seconds))
+            rewards = [r for share in shares for r in share[0]]
+            counts = {}
+            for _, share_counts, _ in shares:
+                for key, n in share_counts.items():
+                    counts[key] = counts.get(key, 0) + n
+            seconds = max(share[2] for share in shares)
+        stats = summarize(rewards)
         stats["seconds"] = seconds
-        for key, n in output.counts.items():
+        for key, n in counts.items():
             stats[f"num_{key}"] = float(n)
         self.last_stats = stats
         if log_metric is not None and self.log_stats:

@@ -19,7 +19,7 @@ import torch
 
 from rh_trl.engines.generation import ChatClient, ChatResult, HFGenerator
 from rh_trl.engines.http import RetryPolicy, run_sync
-from rh_trl.formatting import RewardInputError, Sample, message_text, plain_conversation, to_sample
+from rh_trl.formatting import RewardInputError, message_text, plain_conversation, to_sample
 from rh_trl.loading import load_model, load_tokenizer
 from rh_trl.rewards.base import Batch, Reward, RewardOutput
 from rh_trl.rewards.genrm_templates import JudgeTemplate, builtin_template
@@ -217,6 +217,9 @@ class GenRM(Reward):
 
     # -- the reward -----------------------------------------------------------------------------------------------
 
+    def rank_settings(self) -> Any:
+        return ("groups", self.group_size, self.reference_column) if self.template.pairwise else None
+
     def compute(self, batch: Batch) -> RewardOutput:
         if self.template.pairwise:
             return self._compute_pairwise(batch)
@@ -234,48 +237,54 @@ class GenRM(Reward):
 
     def _compute_pairwise(self, batch: Batch) -> RewardOutput:
         opponents = find_opponents(batch, self.group_size, self.reference_column, self.__name__)
-        n = len(batch)
-        samples: list[Sample | None] = batch.samples
         if opponents.references is not None:
-            todo = [i for i, s in enumerate(samples) if s is not None]
-            refs = {i: to_sample(samples[i].prompt, opponents.references[i]).response_text for i in todo}  # type: ignore[union-attr]
-            pairs = [(i, -1) for i in todo]
-
-            def text(i: int, j: int) -> tuple[str, str]:
-                return samples[i].response_text, refs[i]  # type: ignore[union-attr]
-        else:
-            groups = opponents.groups or []
-            pairs = [(i, j) for g in groups for i in g for j in g if i < j]
-
-            def text(i: int, j: int) -> tuple[str, str]:
-                return samples[i].response_text, samples[j].response_text  # type: ignore[union-attr]
-
-        conversations = []
-        for i, j in pairs:
-            a, b = text(i, j)
-            conversations.append(self.pairwise_messages(batch, i, a, b))
-            conversations.append(self.pairwise_messages(batch, i, b, a))
+            return self._against_references(batch, opponents.references)
+        groups = opponents.groups
+        assert groups is not None
+        # each process asks the judge the comparisons its own completions open (as response A): together the
+        # processes ask every ordered comparison of the call once, and each verdict pair comes from both orders
+        pairs = opponents.own_pairs()
+        local = dict(zip(groups.local, range(len(batch)), strict=True))
+        conversations = [
+            self.pairwise_messages(
+                batch, local[i], groups.samples[i].response_text, groups.samples[j].response_text
+            )  # type: ignore[union-attr]
+            for i, j in pairs
+        ]
         texts, failed = self.judge(conversations)
         verdicts, unparsed = self._parse(texts)
-        prob: dict[tuple[int, int], float | None] = {}
-        judgements: list[str | None] = [None] * n
-        for k, (i, j) in enumerate(pairs):
-            first, second = verdicts[2 * k], verdicts[2 * k + 1]
-            p = _both_orders(first, second)
-            prob[(i, j)] = p
-            prob[(j, i)] = None if p is None else 1.0 - p
-            if judgements[i] is None:
-                judgements[i] = texts[2 * k]
-            if j >= 0 and judgements[j] is None:
-                judgements[j] = texts[2 * k + 1]
+        as_a = groups.merge("verdicts", dict(zip(pairs, verdicts, strict=True)))
+        prob = {(i, j): _both_orders(as_a[(i, j)], as_a.get((j, i))) for i, j in pairs}
+        judgements: dict[int, str | None] = {}
+        for (i, _), text in zip(pairs, texts, strict=True):
+            judgements.setdefault(i, text)
+        rewards, alone = group_win_rates(groups, prob)
+        counts = {
+            "unparsed": unparsed,
+            "server_failed": failed,
+            "comparisons": len(conversations),
+            "no_opponent": alone,
+        }
+        return RewardOutput(rewards, counts, {"judgement": [judgements.get(i) for i in groups.local]})
+
+    def _against_references(self, batch: Batch, references: list[Any]) -> RewardOutput:
+        """Each completion judged against its own reference, in both orders."""
+        todo = [i for i, s in enumerate(batch.samples) if s is not None]
+        conversations = []
+        for i in todo:
+            sample = batch.samples[i]
+            assert sample is not None
+            ref = to_sample(sample.prompt, references[i]).response_text
+            conversations.append(self.pairwise_messages(batch, i, sample.response_text, ref))
+            conversations.append(self.pairwise_messages(batch, i, ref, sample.response_text))
+        texts, failed = self.judge(conversations)
+        verdicts, unparsed = self._parse(texts)
+        rewards: list[float | None] = [None] * len(batch)
+        judgements: list[str | None] = [None] * len(batch)
+        for k, i in enumerate(todo):
+            rewards[i] = _both_orders(verdicts[2 * k], verdicts[2 * k + 1])
+            judgements[i] = texts[2 * k]
         counts = {"unparsed": unparsed, "server_failed": failed, "comparisons": len(conversations)}
-        if opponents.references is not None:
-            rewards: list[float | None] = [None] * n
-            for i, _ in pairs:
-                rewards[i] = prob[(i, -1)]
-            return RewardOutput(rewards, counts, {"judgement": judgements})
-        rewards, alone = group_win_rates(opponents.groups or [], prob, n)
-        counts["no_opponent"] = alone
         return RewardOutput(rewards, counts, {"judgement": judgements})
 
 

@@ -13,6 +13,7 @@ import torch
 from rh_trl.engines.hf import HFEngine
 from rh_trl.engines.http import RetryPolicy, run_sync
 from rh_trl.engines.vllm_pooling import build_pooling_engine, engine_argument
+from rh_trl.engines.zero3 import check_zero3
 from rh_trl.formatting import ChatFormatter, Encoded, encode_samples, encoding_counts
 from rh_trl.loading import config_dict, load_model, load_tokenizer, padding_id
 from rh_trl.rewards.adapters import DEFAULT_ADAPTER, ORMAdapter, adapter_for, get_orm_adapter
@@ -62,6 +63,9 @@ class ORM(Reward):
             else the CPU).
         dtype: ``"auto"`` (default) is the checkpoint's own dtype on every engine (``config.json``; float32
             when it names none) — so ``"hf"`` and ``"vllm"`` give the same numbers; or a dtype name.
+        zero3: inside a DeepSpeed ZeRO-3 run, keep the model sharded over the processes as the run's own models
+            are, instead of a whole copy on each (``"hf"``; :mod:`rh_trl.engines.zero3`); it then scores only in
+            a trainer's calls, which every process makes together.
         served_model, api_key, batch_size, max_concurrency, retry, transport: the ``"openai"`` engine
             (see :class:`~rh_trl.engines.vllm_pooling.VLLMPoolingClient`; ``served_model`` is the name the
             server serves the model under, default: its only model).
@@ -90,6 +94,7 @@ class ORM(Reward):
         device: str | torch.device | None = None,
         device_map: Any = None,
         dtype: str | torch.dtype | None = "auto",
+        zero3: bool = False,
         served_model: str | None = None,
         api_key: str | None = None,
         batch_size: int = 32,
@@ -105,6 +110,7 @@ class ORM(Reward):
         strict: bool = False,
     ) -> None:
         engine, shared = engine_argument(engine, "classify")
+        check_zero3(zero3, engine)
         if transform not in ("none", "sigmoid", "softmax"):
             raise ValueError(f"transform must be 'none', 'sigmoid' or 'softmax', got {transform!r}")
         if output_index is not None and output_weights is not None:
@@ -143,6 +149,7 @@ class ORM(Reward):
                 device=device,
                 device_map=device_map,
                 trust_remote_code=trust_remote_code or self.adapter.trust_remote_code,
+                zero3=zero3,
             )
             self.tokenizer = load_tokenizer(tokenizer, self.model, trust_remote_code=trust_remote_code)
             model_name = Path(str(getattr(self.model, "name_or_path", "") or "model")).name
@@ -152,7 +159,12 @@ class ORM(Reward):
                 self.model.config.pad_token_id = padding_id(self.tokenizer)
             self.pad_token_id = int(self.model.config.pad_token_id)
             self.engine: Any = HFEngine(
-                self.model, self.pad_token_id, max_tokens_per_batch, max_batch_size, progress=progress
+                self.model,
+                self.pad_token_id,
+                max_tokens_per_batch,
+                max_batch_size,
+                progress=progress,
+                sharded=zero3,
             )
             limit = self.engine.max_sequence_length
         else:

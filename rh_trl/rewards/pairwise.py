@@ -21,8 +21,9 @@ The context is the prompt conversation flattened into ``<turn> {label}`` blocks.
   removed.
 
 Each completion is scored against the other completions of its prompt, wherever they sit in the call
-(:func:`~rh_trl.grouping.prompt_groups`: GRPO's groups, online DPO's two completions per prompt) and gets its mean
-win probability; or, when the dataset has a reference column, its win probability against that reference.
+(:func:`~rh_trl.grouping.prompt_groups`: GRPO's groups, online DPO's two completions per prompt; on several
+processes, the whole group across them) and gets its mean win probability; or, when the dataset has a reference
+column, its win probability against that reference.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ import torch
 
 from rh_trl.engines.hf import HFEngine
 from rh_trl.formatting import RewardInputError, message_text, to_sample
-from rh_trl.grouping import prompt_groups
+from rh_trl.grouping import CallGroups, call_groups
 from rh_trl.loading import load_model, load_tokenizer, padding_id
 from rh_trl.rewards.base import Batch, Reward, RewardOutput
 
@@ -138,22 +139,30 @@ def response_text(value: Any) -> str:
 
 @dataclass
 class Opponents:
-    """The comparisons a batch needs: each sample's opponents, as other sample indices or reference texts.
+    """The comparisons a batch needs: each sample's opponents, as other completions or reference texts.
 
-    ``groups`` holds index lists (each sample is compared with the other members of its group);
-    ``references`` is set instead when every sample is compared with its own reference response.
+    ``groups`` holds the call's groups (each sample is compared with the other members of its group; on several
+    processes, the groups of the whole call, see :func:`~rh_trl.grouping.call_groups`); ``references`` is set
+    instead when every sample is compared with its own reference response.
     """
 
-    groups: list[list[int]] | None = None
+    groups: CallGroups | None = None
     references: list[Any] | None = None
+
+    def own_pairs(self) -> list[tuple[int, int]]:
+        """Every ordered comparison ``(i, j)`` that opens with one of this process's completions ``i``: together,
+        the processes run each ordered comparison of the call once."""
+        groups = self.groups
+        assert groups is not None
+        return [(i, j) for g in groups.groups for i in groups.local_members(g) for j in g if j != i]
 
 
 def find_opponents(
     batch: Batch, group_size: int | None, reference_column: str | None, name: str
 ) -> Opponents:
     """The comparisons for a batch: against ``batch.columns[reference_column]`` when the call has that column,
-    else among the completions of the same prompt (:func:`~rh_trl.grouping.prompt_groups`; ``group_size``
-    switches to consecutive runs)."""
+    else among the completions of the same prompt in the whole call (:func:`~rh_trl.grouping.call_groups`;
+    ``group_size`` switches to consecutive runs)."""
     if reference_column is not None and batch.columns.get(reference_column) is not None:
         refs = list(batch.columns[reference_column])
         if len(refs) != len(batch):
@@ -163,29 +172,29 @@ def find_opponents(
             )
         return Opponents(references=refs)
     try:
-        prompts = [None if s is None else s.prompt for s in batch.samples]
-        return Opponents(groups=prompt_groups(prompts, group_size))
+        return Opponents(groups=call_groups(batch.samples, batch.ranks, group_size))
     except RewardInputError as err:
         raise RewardInputError(f"{name}: {err}") from None
 
 
 def group_win_rates(
-    groups: list[list[int]], prob: dict[tuple[int, int], float | None], n: int
+    groups: CallGroups, prob: dict[tuple[int, int], float | None]
 ) -> tuple[list[float | None], int]:
-    """Each sample's mean ``prob[(i, j)]`` over the other members ``j`` of its group (``None`` values skipped).
+    """Each of this process's samples' mean ``prob[(i, j)]`` over the other members ``j`` of its group (``None``
+    values skipped), in the batch's order.
 
     Returns the win rates and the number of samples left without any opponent.
     """
-    rates: list[float | None] = [None] * n
+    rates: dict[int, float | None] = {}
     alone = 0
-    for members in groups:
-        for i in members:
+    for members in groups.groups:
+        for i in groups.local_members(members):
             values = [prob[(i, j)] for j in members if j != i and prob.get((i, j)) is not None]
             if values:
                 rates[i] = sum(values) / len(values)  # type: ignore[arg-type]
             else:
                 alone += 1
-    return rates, alone
+    return [rates.get(i) for i in groups.local], alone
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -253,6 +262,10 @@ class _ChoiceLogits(torch.nn.Module):
         self.token_ids = list(token_ids)
         self.softcap = getattr(lm.config, "final_logit_softcapping", None)
 
+    @property
+    def config(self) -> Any:
+        return self.lm.config
+
     def get_input_embeddings(self) -> Any:
         return self.lm.get_input_embeddings()
 
@@ -262,9 +275,12 @@ class _ChoiceLogits(torch.nn.Module):
         h = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
         head = self.lm.get_output_embeddings()
         ids = torch.tensor(self.token_ids, device=h.device)
-        logits = h @ head.weight[ids].T
-        if getattr(head, "bias", None) is not None:
-            logits = logits + head.bias[ids]
+        if hasattr(head.weight, "ds_id"):  # sharded (ZeRO-3): the head's own forward gathers its weight
+            logits = head(h)[:, ids]
+        else:
+            logits = h @ head.weight[ids].T
+            if getattr(head, "bias", None) is not None:
+                logits = logits + head.bias[ids]
         if self.softcap:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits
@@ -297,7 +313,8 @@ class PairwisePM(Reward):
         strip_bos: remove the BOS text as the layout says; ``False`` keeps it.
         chat_template: a Jinja template to use instead of the tokenizer's.
         max_length: a comparison longer than this many tokens gets no probability (counted as ``too_long``).
-        max_tokens_per_batch, max_batch_size, device, device_map, dtype, progress: see :class:`~rh_trl.ORM`.
+        max_tokens_per_batch, max_batch_size, device, device_map, dtype, progress, zero3: see
+            :class:`~rh_trl.ORM`.
         strict: raise on a malformed sample instead of giving it ``None``.
     """
 
@@ -319,6 +336,7 @@ class PairwisePM(Reward):
         device: str | torch.device | None = None,
         device_map: Any = None,
         dtype: str | torch.dtype | None = "auto",
+        zero3: bool = False,
         trust_remote_code: bool = False,
         progress: bool = False,
         strict: bool = False,
@@ -340,6 +358,7 @@ class PairwisePM(Reward):
             device=device,
             device_map=device_map,
             trust_remote_code=trust_remote_code,
+            zero3=zero3,
         )
         self.tokenizer = load_tokenizer(tokenizer, self.model, trust_remote_code=trust_remote_code)
         self.layout = get_layout(
@@ -365,6 +384,7 @@ class PairwisePM(Reward):
             max_tokens_per_batch,
             max_batch_size,
             progress=progress,
+            sharded=zero3,
         )
 
     # -- rendering ------------------------------------------------------------------------------------------------
@@ -412,7 +432,7 @@ class PairwisePM(Reward):
                 continue
             seqs.append(ids)
             todo.append(k)
-        rows = self.engine.run(seqs, _read_choices) if seqs else []
+        rows = self.engine.run(seqs, _read_choices)
         probs: list[float | None] = [None] * len(triples)
         for k, row in zip(todo, rows, strict=True):
             probs[k] = float(torch.softmax(row.double() / self.temperature, dim=-1)[0])
@@ -451,6 +471,9 @@ class PairwisePM(Reward):
 
     # -- the reward -----------------------------------------------------------------------------------------------
 
+    def rank_settings(self) -> Any:
+        return ("groups", self.group_size, self.reference_column)
+
     def compute(self, batch: Batch) -> RewardOutput:
         opponents = find_opponents(batch, self.group_size, self.reference_column, self.__name__)
         n = len(batch)
@@ -467,14 +490,15 @@ class PairwisePM(Reward):
                 rewards[i] = _average(probs_ab[k], probs_ab[len(todo) + k])
             return RewardOutput(rewards, counts)
 
-        groups = opponents.groups or []
-        pairs = [(i, j) for g in groups for i in g for j in g if i != j]
-        samples = batch.samples
+        groups = opponents.groups
+        assert groups is not None
+        pairs = opponents.own_pairs()
+        samples = groups.samples
         triples = [(samples[i].prompt, samples[i].response, samples[j].response) for i, j in pairs]  # type: ignore[union-attr]
         ordered, counts = self.ordered_probs(triples)
-        first = dict(zip(pairs, ordered, strict=True))
+        first = groups.merge("comparisons", dict(zip(pairs, ordered, strict=True)))
         prob = {(i, j): _average(first[(i, j)], first[(j, i)]) for i, j in pairs}
-        rewards, alone = group_win_rates(groups, prob, n)
+        rewards, alone = group_win_rates(groups, prob)
         if alone:
             logger.warning(
                 "%s: %d completion(s) get no reward: no other completion of their prompt in this call, or none "

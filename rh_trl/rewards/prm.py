@@ -26,6 +26,7 @@ import torch
 from rh_trl.engines.hf import HFEngine
 from rh_trl.engines.http import RetryPolicy, run_sync
 from rh_trl.engines.vllm_pooling import build_pooling_engine, engine_argument, rows_at_steps
+from rh_trl.engines.zero3 import check_zero3
 from rh_trl.formatting import RewardInputError
 from rh_trl.loading import config_dict, load_model, load_tokenizer, padding_id
 from rh_trl.rewards.base import Batch, Reward, RewardOutput, reason_counts
@@ -83,6 +84,10 @@ class PairLogitsModel(torch.nn.Module):
         super().__init__()
         self.model = model
         self.token_ids = list(token_ids)
+
+    @property
+    def config(self) -> Any:
+        return self.model.config
 
     @staticmethod
     def supports(model: Any) -> bool:
@@ -143,7 +148,7 @@ class PRM(Reward):
         dtype: ``"auto"`` (default) is the checkpoint's own dtype on every engine; or a dtype name.
         chat_template, chat_template_kwargs: replace the tokenizer's template / pass arguments to it.
         name, strict, progress, device, device_map, dtype, max_tokens_per_batch, max_batch_size,
-            trust_remote_code: as for :class:`~rh_trl.rewards.orm.ORM`.
+            trust_remote_code, zero3: as for :class:`~rh_trl.rewards.orm.ORM`.
     """
 
     def __init__(
@@ -173,6 +178,7 @@ class PRM(Reward):
         device: str | torch.device | None = None,
         device_map: Any = None,
         dtype: str | torch.dtype | None = "auto",
+        zero3: bool = False,
         chat_template: str | None = None,
         chat_template_kwargs: dict[str, Any] | None = None,
         trust_remote_code: bool = False,
@@ -190,6 +196,8 @@ class PRM(Reward):
             raise ValueError(f"max_length must be at least 2 tokens, got {max_length}")
         self.max_length = max_length
         engine, shared = engine_argument(engine, "token_classify")
+        check_zero3(zero3, engine)
+        self.zero3 = zero3
         if engine != "hf" and kind != "separator":
             raise ValueError(f"engine={engine!r} serves kind='separator' PRMs only, not kind={kind!r}")
         self.engine_kind = engine
@@ -235,6 +243,7 @@ class PRM(Reward):
                 device=device,
                 device_map=device_map,
                 trust_remote_code=remote,
+                zero3=zero3,
             )
             self.tokenizer = load_tokenizer(tokenizer, self.model, trust_remote_code=remote)
             model_name = Path(str(getattr(self.model, "name_or_path", "") or "model")).name
@@ -313,14 +322,16 @@ class PRM(Reward):
         if self.kind == "separator":
             self.read = read_classes
             runner = model
-        elif PairLogitsModel.supports(model):
+        elif PairLogitsModel.supports(model) and not self.zero3:  # sharded: the head's own pass gathers it
             self.read = read_classes
             runner = PairLogitsModel(model, self.judgement_ids)
         else:
             ids = self.judgement_ids
             self.read = lambda outputs, input_ids, mask: outputs.logits[..., ids]
             runner = model
-        self.engine = HFEngine(runner, pad, max_tokens_per_batch, max_batch_size, progress=progress)
+        self.engine = HFEngine(
+            runner, pad, max_tokens_per_batch, max_batch_size, progress=progress, sharded=self.zero3
+        )
 
     def _engine_limit(self, limit: int | None) -> None:
         """Default ``max_length`` to the longest sequence the engine takes (when the caller set none)."""
@@ -429,7 +440,7 @@ class PRM(Reward):
         todo, sequences, counts = self._prepare(batch)
         ids = [s.input_ids for s in sequences]
         if self.engine_kind == "hf":
-            rows, reasons = self.engine.run_checked(ids, self.read) if ids else ([], [])
+            rows, reasons = self.engine.run_checked(ids, self.read)
         else:
             rows, reasons = self.engine.run(ids) if ids else ([], [])
         return self._finish(batch, todo, sequences, rows, reasons, counts)

@@ -8,6 +8,7 @@ gives the same numbers synchronously.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import uuid
@@ -95,8 +96,15 @@ class RemoteRM(Reward):
         completion_ids: Sequence[Sequence[int]] | None = None,
         **kwargs: Any,
     ) -> list[float | None]:
-        call = self._start_call(prompts, completions, completion_ids, kwargs)
-        return self._finish_call(call, await self.acompute(call.batch))
+        ranks = self._ranks.call(kwargs, self.rank_settings())
+        with ranks or contextlib.nullcontext():
+            call = self._start_call(prompts, completions, completion_ids, kwargs, ranks)
+            output = await self.acompute(call.batch)
+            if ranks is None:
+                return self._finish_call(call, output)
+            # statistics of every process's share: the wait for the others must not hold the event loop, where
+            # other async rewards of this step run
+            return await asyncio.to_thread(self._finish_call, call, output)
 
     def score(self, prompts: Sequence[Any], completions: Sequence[Any], **columns: Any) -> list[float | None]:
         """Score prompt/completion pairs synchronously (same numbers as awaiting the reward)."""
