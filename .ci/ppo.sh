@@ -15,7 +15,7 @@ pip=("$venv/bin/python" -m pip install "${ci_pip_flags[@]}")
 if [ "$ci_latest" = 1 ]; then
     "${pip[@]}" --no-deps openrlhf==0.11.2 verl==0.9.1
     "${pip[@]}" aiohttp "ray==2.55.0" hydra-core omegaconf "tensordict>=0.8,!=0.9.0,<=0.10.0" codetiming pylatexenc \
-        cachetools wheel
+        cachetools wheel einops
 else
     ci_install_lock "$venv/bin/python" ppo
 fi
