@@ -3,6 +3,7 @@
     accelerate launch recipes/grpo.py --config configs/grpo/tiny.yaml
     python recipes/grpo.py --config configs/grpo/tiny.yaml
     accelerate launch --config_file configs/accelerate/multi_gpu.yaml recipes/grpo.py --config configs/grpo/qwen2.5_1.5b_skywork.yaml
+    python recipes/grpo.py --config configs/grpo/colocate_vllm.yaml   # TRL's colocated vLLM + a vLLM reward
 
 The config holds GRPOConfig fields, ``model_name_or_path`` (a path, a hub id or ``rh_trl:tiny-policy``), and
 ``rewards``: specs for ``rh_trl.rewards.factory.build_rewards`` whose ``weight`` s become ``reward_weights``.
@@ -22,6 +23,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from _common import RewardArguments, build_reward_functions, load_policy, load_prompts, setup_logging
 from trl import GRPOConfig, GRPOTrainer, ModelConfig, TrlParser
 
+from rh_trl.integrations.trl_vllm import prepare_colocate
+
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     setup_logging()
@@ -34,6 +37,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     reward_funcs, weights, callbacks = build_reward_functions(reward_args)
     training_args.reward_weights = weights
+    prepare_colocate(training_args)  # TRL's colocated vLLM beside vLLM rewards: memory split, CPU weight sync
     trainer = GRPOTrainer(
         model=model,
         reward_funcs=reward_funcs,

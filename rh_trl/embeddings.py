@@ -35,7 +35,11 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from rh_trl.engines.batching import reason_counts
 from rh_trl.engines.hf import HFEngine, Reader
+from rh_trl.engines.http import RetryPolicy, run_sync
+from rh_trl.engines.vllm_llm import engine_kind
+from rh_trl.engines.vllm_pooling import build_pooling_engine, engine_argument
 from rh_trl.formatting import (
     ChatFormatter,
     Encoded,
@@ -200,6 +204,29 @@ class Embedded:
     counts: dict[str, int] = field(default_factory=dict)
 
 
+def checkpoint_digest(path: str, digest: Any) -> None:
+    """Feed ``digest`` every tensor's name, shape, dtype and first rows, read from a checkpoint's safetensors files
+    (a directory or hub id) without loading the model."""
+    from safetensors import safe_open
+
+    folder = Path(path)
+    if not folder.is_dir():
+        from huggingface_hub import snapshot_download
+
+        folder = Path(snapshot_download(path, allow_patterns=["*.safetensors"]))
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{path} has no .safetensors files; the vLLM encoder's cache key reads them")
+    for file in files:
+        with safe_open(str(file), framework="pt") as handle:
+            for name in sorted(handle.keys()):
+                tensor = handle.get_slice(name)
+                shape = tensor.get_shape()
+                digest.update(f"{name}:{shape}:{tensor.get_dtype()}".encode())
+                head = tensor[: min(2, shape[0])] if shape else handle.get_tensor(name)
+                digest.update(head.float().reshape(-1)[:4096].numpy().tobytes())
+
+
 def guess_kind(model: Any) -> str:
     """``"causal"`` for a causal LM (a ``…ForCausalLM`` architecture, or a model type that has a causal-LM class
     and no masked-LM class, e.g. a Llama trunk), else ``"sentence"`` (BERT-style encoders)."""
@@ -237,6 +264,15 @@ class TextEncoder:
             uses the tokenizer's template (the causal default), a string is a Jinja template.
         text_as_chat: render standard-format strings as a user turn and an assistant turn.
         cache: an :class:`EmbeddingCache`, or a directory for one; ``None`` embeds every time.
+        engine: ``"hf"`` (transformers in this process), ``"vllm"`` (an in-process vLLM pooling runner with the same
+            pooling and normalization; ``model`` a directory or hub id; or an already-built
+            ``VLLMPoolingEngine(path, task="embed")`` to share) or ``"openai"`` (``vllm serve DIR --runner
+            pooling``, and ``--convert embed`` for a causal LM; ``model`` the server's URL or replicas' URLs and
+            ``tokenizer`` the model's directory or hub id, whose config is read). The same vectors from each. A
+            sequence a server fails on gets no vector (counted as ``server_failed`` / ``server_rejected``).
+        served_model, api_key, batch_size, max_concurrency, retry, transport: the ``"openai"`` engine (see
+            :class:`~rh_trl.engines.vllm_pooling.VLLMPoolingClient`).
+        vllm_kwargs: passed to ``vllm.LLM`` with ``engine="vllm"``.
         max_tokens_per_batch, max_batch_size, device, dtype, trust_remote_code, progress: as for
             :class:`~rh_trl.ORM`.
     """
@@ -254,6 +290,14 @@ class TextEncoder:
         chat_template: str | bool | None = None,
         text_as_chat: bool = False,
         cache: EmbeddingCache | str | os.PathLike | None = None,
+        engine: str = "hf",
+        served_model: str | None = None,
+        api_key: str | None = None,
+        batch_size: int = 32,
+        max_concurrency: int = 8,
+        retry: RetryPolicy | None = None,
+        transport: Any = None,
+        vllm_kwargs: dict[str, Any] | None = None,
         max_tokens_per_batch: int = 16384,
         max_batch_size: int | None = None,
         device: str | torch.device | None = None,
@@ -261,7 +305,16 @@ class TextEncoder:
         trust_remote_code: bool = False,
         progress: bool = False,
     ) -> None:
+        shared = None if isinstance(engine, str) else engine  # an in-process vLLM engine built before
+        self.engine_kind = engine_kind(engine) if shared is None else "vllm"
         source = resolve_source(model) if isinstance(model, str) else model
+        if self.engine_kind == "openai":
+            if not isinstance(tokenizer, str | os.PathLike):
+                raise ValueError(
+                    "engine='openai' takes the server's URL as model and needs tokenizer= as the model's directory "
+                    "or hub id (tokenization is done here; its config gives the vector size)"
+                )
+            source = resolve_source(os.fspath(tokenizer))
         kind = kind or guess_kind(source)  # type: ignore[assignment]
         if kind not in KIND_DEFAULTS:
             raise ValueError(f"kind must be 'sentence' or 'causal', got {kind!r}")
@@ -275,11 +328,21 @@ class TextEncoder:
             )
         from transformers import AutoModel
 
-        loaded = load_model(
-            source, AutoModel, dtype=dtype, device=device, trust_remote_code=trust_remote_code
-        )
-        self.model = getattr(loaded, "base_model", loaded)  # the trunk: a head is never run
-        self.tokenizer = load_tokenizer(tokenizer, loaded, trust_remote_code=trust_remote_code)
+        self.model: Any = None
+        if self.engine_kind == "hf":
+            loaded = load_model(
+                source, AutoModel, dtype=dtype, device=device, trust_remote_code=trust_remote_code
+            )
+            self.model = getattr(loaded, "base_model", loaded)  # the trunk: a head is never run
+            self.tokenizer = load_tokenizer(tokenizer, loaded, trust_remote_code=trust_remote_code)
+            self.config = self.model.config.to_dict()
+        else:
+            if not isinstance(source, str | os.PathLike):
+                raise TypeError(
+                    f"engine={engine!r} loads the encoder by path or hub id, got a {type(model).__name__}"
+                )
+            self.tokenizer = load_tokenizer(tokenizer if tokenizer is not None else source, None)
+            self.config = config_dict(os.fspath(source))
         self.source = model if isinstance(model, str | os.PathLike) else None
         self.kind: str = kind
         self.pooling: str = pooling
@@ -293,14 +356,40 @@ class TextEncoder:
         self.formatter = ChatFormatter(
             self.tokenizer, max_length=max_length, chat_template=chat_template, text_as_chat=text_as_chat
         )
-        pad = getattr(self.model.config, "pad_token_id", None)
-        self.engine = HFEngine(
-            self.model,
-            pad if pad is not None else padding_id(self.tokenizer),
-            max_tokens_per_batch,
-            max_batch_size,
-            progress=progress,
-        )
+        pad = self.config.get("pad_token_id")
+        if shared is not None:
+            engine_argument(shared, "embed", self.pooling)
+            if shared.use_activation != self.normalize:
+                raise ValueError(
+                    f"engine= normalizes its vectors ({shared.use_activation}), this encoder's normalize is "
+                    f"{self.normalize}; build the engine with use_activation={self.normalize}"
+                )
+        if self.model is not None:
+            self.engine: Any = HFEngine(
+                self.model,
+                pad if pad is not None else padding_id(self.tokenizer),
+                max_tokens_per_batch,
+                max_batch_size,
+                progress=progress,
+            )
+        else:
+            self.engine = build_pooling_engine(
+                self.engine_kind,
+                model if self.engine_kind == "openai" else source,
+                "embed",
+                shared=shared,
+                dtype=dtype,
+                trust_remote_code=trust_remote_code,
+                vllm_kwargs=vllm_kwargs,
+                pooling=self.pooling,
+                use_activation=self.normalize,
+                model=served_model,
+                api_key=api_key,
+                batch_size=batch_size,
+                max_concurrency=max_concurrency,
+                retry=retry,
+                transport=transport,
+            )
         self.read = pooling_reader(self.pooling, self.normalize)
         self.cache = cache if isinstance(cache, EmbeddingCache) or cache is None else EmbeddingCache(cache)
         self._fingerprint: str | None = None
@@ -308,14 +397,15 @@ class TextEncoder:
     @property
     def dim(self) -> int:
         """Length of the vectors."""
-        return int(self.model.config.hidden_size)
+        return int(self.config["hidden_size"])
 
     @property
     def name(self) -> str:
         """A short readable name of the encoder's model."""
         if self.source == MINILM:
             return "minilm"
-        path = Path(str(self.source or getattr(self.model, "name_or_path", "") or ""))
+        source = self.source if self.engine_kind != "openai" else getattr(self.tokenizer, "name_or_path", "")
+        path = Path(str(source or getattr(self.model, "name_or_path", "") or ""))
         if path.name == "model":  # a package's bundled "…/<package>/model" directory
             path = path.parent
         return path.name or type(self.model).__name__
@@ -336,21 +426,30 @@ class TextEncoder:
 
     @property
     def fingerprint(self) -> str:
-        """A hash of the encoder's config, dtype, pooling and a strided sample of every weight tensor."""
+        """A hash of the encoder's config, pooling and weights: a strided sample of every weight tensor (``"hf"``),
+        the first rows of every tensor of the checkpoint (``"vllm"``), or the server and its served model
+        (``"openai"``: the server must keep serving the same weights)."""
         if self._fingerprint is None:
             digest = hashlib.sha256()
-            config = self.model.config.to_dict()
+            config = dict(self.config)
             config.pop("_name_or_path", None)
             config.pop("transformers_version", None)
             identity = {"config": config, "pooling": self.pooling, "normalize": self.normalize}
+            if self.engine_kind != "hf":
+                identity["engine"] = self.engine_kind
             digest.update(json.dumps(identity, sort_keys=True, default=str).encode())
-            with torch.no_grad():
-                for name, param in self.model.named_parameters():
-                    flat = param.detach().reshape(-1)
-                    step = max(1, flat.numel() // 64)
-                    digest.update(f"{name}:{tuple(param.shape)}:{param.dtype}".encode())
-                    if flat.device.type != "meta":
-                        digest.update(flat[::step][:64].float().cpu().numpy().tobytes())
+            if self.engine_kind == "openai":
+                digest.update(repr((self.engine.pool.urls, self.engine.model)).encode())
+            elif self.engine_kind == "vllm":
+                checkpoint_digest(os.fspath(resolve_source(os.fspath(self.source))), digest)
+            else:
+                with torch.no_grad():
+                    for name, param in self.model.named_parameters():
+                        flat = param.detach().reshape(-1)
+                        step = max(1, flat.numel() // 64)
+                        digest.update(f"{name}:{tuple(param.shape)}:{param.dtype}".encode())
+                        if flat.device.type != "meta":
+                            digest.update(flat[::step][:64].float().cpu().numpy().tobytes())
             self._fingerprint = digest.hexdigest()
         return self._fingerprint
 
@@ -378,22 +477,37 @@ class TextEncoder:
         """Vectors (``[n, dim]``, float32, CPU) of token sequences, through the cache when there is one.
 
         Returns the vectors and ``{"cache_hits", "cache_misses"}`` (distinct sequences; empty without a cache).
+        A sequence the engine gave no vector (a server that failed for good) gets a row of NaN, counted by its
+        reason (``server_failed``, ``server_rejected``, ``too_long``), and is not cached.
         """
         if not sequences:
             return torch.zeros((0, self.dim)), {}
         if self.cache is None:
-            return torch.stack(self.engine.run(sequences, self.read)), {}
+            rows, counts = self._vectors(sequences)
+            return torch.stack(rows), counts
         keys = [self.cache_key(s) for s in sequences]
         found = self.cache.get(keys)
         todo = list(dict.fromkeys(k for k in keys if k not in found))
         counts = {"cache_hits": len(set(found)), "cache_misses": len(todo)}
         if todo:
             first = {k: i for i, k in reversed(list(enumerate(keys)))}
-            rows = self.engine.run([sequences[first[k]] for k in todo], self.read)
-            new = {k: row.numpy() for k, row in zip(todo, rows, strict=True)}
+            rows, failed = self._vectors([sequences[first[k]] for k in todo])
+            new = {k: row.numpy() for k, row in zip(todo, rows, strict=True) if not torch.isnan(row).any()}
             self.cache.put(new)
-            found = {**found, **new}
+            found = {**found, **{k: row.numpy() for k, row in zip(todo, rows, strict=True)}}
+            counts.update(failed)
         return torch.stack([torch.from_numpy(np.array(found[k])) for k in keys]), counts
+
+    def _vectors(self, sequences: Sequence[Sequence[int]]) -> tuple[list[torch.Tensor], dict[str, int]]:
+        """One vector per sequence from the engine (NaN where it gave none), and the reasons counted."""
+        if self.engine_kind == "hf":
+            return list(self.engine.run(sequences, self.read)), {}
+        if self.engine_kind == "openai":
+            rows, reasons = run_sync(self.engine.run(sequences))
+        else:
+            rows, reasons = self.engine.run(sequences)
+        missing = torch.full((self.dim,), float("nan"))
+        return [missing if r is None else r.float() for r in rows], reason_counts(reasons)
 
     def embed(self, samples: Sequence[Sample | None], strict: bool = False) -> Embedded:
         """Vectors of samples; a sample that cannot be rendered gets ``None`` (or raises with ``strict``)."""
@@ -402,7 +516,8 @@ class TextEncoder:
         matrix, cache_counts = self.embed_ids([encoded[i].input_ids for i in todo])  # type: ignore[union-attr]
         vectors: list[torch.Tensor | None] = [None] * len(samples)
         for row, i in enumerate(todo):
-            vectors[i] = matrix[row]
+            if not torch.isnan(matrix[row]).any():
+                vectors[i] = matrix[row]
         counts = {**encoding_counts(encoded, errors), **cache_counts}
         return Embedded(vectors, encoded, errors, counts)
 
@@ -422,6 +537,12 @@ class TextEncoder:
                 except (KeyError, RewardInputError) as err:
                     raise RewardInputError(f"pair {i}, {side}: {err}") from err
         result = self.embed(samples, strict=True)
+        lost = [k for k, v in enumerate(result.vectors) if v is None]
+        if lost:
+            side, k = ("chosen", lost[0]) if lost[0] < len(pairs) else ("rejected", lost[0] - len(pairs))
+            raise RuntimeError(
+                f"pair {k}, {side}: the encoder gave no vector ({len(lost)} such responses; {result.counts})"
+            )
         matrix = torch.stack(result.vectors) if samples else torch.zeros((0, self.dim))  # type: ignore[arg-type]
         n = len(pairs)
         return matrix[:n], matrix[n:], result.counts

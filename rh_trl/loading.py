@@ -115,12 +115,17 @@ def offline_model(name: str, seed: int = 0) -> tuple[Any, Any]:
     return model, tokenizer
 
 
+def temporary_folder(prefix: str) -> str:
+    """A new temporary directory, removed when this process exits."""
+    folder = tempfile.mkdtemp(prefix=prefix)
+    atexit.register(shutil.rmtree, folder, True)
+    return folder
+
+
 @functools.cache
 def _offline_folder() -> str:
     """A temporary directory for this process's offline checkpoints, removed at exit."""
-    folder = tempfile.mkdtemp(prefix="rh_trl-offline-")
-    atexit.register(shutil.rmtree, folder, True)
-    return folder
+    return temporary_folder("rh_trl-offline-")
 
 
 def _offline_model_as(name: str, model_class: Any) -> Any:

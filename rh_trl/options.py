@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -41,3 +42,8 @@ def check_options(target: Callable[..., Any], options: Mapping[str, Any]) -> Non
             f"{label} has no option {unknown[0]!r}{did_you_mean(unknown[0], valid or [])}; "
             f"the options it takes: {', '.join(valid or [])}"
         )
+
+
+def deprecated(old: str, new: str) -> None:
+    """Warn that ``old`` is a deprecated spelling of ``new`` (pointing at the caller's caller)."""
+    warnings.warn(f"{old} is deprecated; write {new}", DeprecationWarning, stacklevel=3)

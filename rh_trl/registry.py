@@ -570,22 +570,17 @@ def _accepts(target: Any, name: str) -> bool:
 
 def supported_engines(target: Any, options: Mapping[str, Any]) -> tuple[str, ...] | None:
     """The engines a reward class runs on (``None``: it takes ``engine=`` and checks the value itself)."""
-    if _is_class(target, PRM):
-        return ("hf", "vllm", "openai") if options.get("kind", "separator") == "separator" else ("hf",)
-    if _is_class(target, DrSow):
-        return ("hf", "openai", "vllm")
     if _is_class(target, ORM):
-        return ("hf", "vllm", "openai") if options.get("adapter") in (None, DEFAULT_ADAPTER.name) else ("hf",)
-    if any(_is_class(target, cls) for cls in (CLoud, PairwisePM)):
-        return ("hf",)
+        return ENGINES if options.get("adapter") in (None, DEFAULT_ADAPTER.name) else ("hf",)
+    if any(_is_class(target, cls) for cls in (PRM, DrSow, CLoud, PairwisePM)):
+        return ENGINES
     return None if _accepts(target, "engine") else ("hf",)
 
 
 _ENGINE_HINTS = {
-    "orm": "its adapter runs the checkpoint's own code; to score it from another machine, host it with "
+    "orm": "its adapter runs the checkpoint's own code (a reward head that is not a sequence-classification "
+    "layer), which vLLM's model registry does not have; to score it from another machine, host it with "
     "`rh-trl serve` and call it with rh_trl.RemoteRM",
-    "cloud": "its critiques can come from a vLLM server: critique_url=…, critique_model=…",
-    "prm": "only separator PRMs (Qwen2.5-Math-PRM style) run on vLLM's pooling runner",
 }
 
 

@@ -112,7 +112,7 @@ def test_not_a_cloud_model(tok):
 def test_server_critiques_and_failure(cloud_model, tok):
     app = make_app("cloud-lm", [("moon", "It is accurate."), ("coffee", "Too short.")], default="Fine.")
     with ServerThread(app) as url:
-        rm = CLoud(cloud_model, tok, critique_url=url, critique_model="cloud-lm", device="cpu")
+        rm = CLoud(url, tok, engine="openai", checkpoint=cloud_model, served_model="cloud-lm", device="cpu")
         rewards = rm(PROMPTS, COMPLETIONS)
         sent = app.state.requests[-1]
         assert (
@@ -122,14 +122,17 @@ def test_server_critiques_and_failure(cloud_model, tok):
         PROMPTS, COMPLETIONS, ["It is accurate.", "Fine.", "Too short."], rewards, strict=True
     ):
         assert abs(r - expected_score(cloud_model, tok, p, c, crit)) <= TOL
-    down = CLoud(
-        cloud_model,
-        tok,
-        critique_url=f"http://127.0.0.1:{free_port()}",
-        critique_model="cloud-lm",
-        device="cpu",
-        retry=RetryPolicy(attempts=2, initial=0.01, max=0.02, timeout=2.0),
-    )
+    with pytest.warns(
+        DeprecationWarning, match=r"CLoud\(model, critique_url=URL, critique_model=NAME\) is deprec"
+    ):
+        down = CLoud(  # the former spelling still works
+            cloud_model,
+            tok,
+            critique_url=f"http://127.0.0.1:{free_port()}",
+            critique_model="cloud-lm",
+            device="cpu",
+            retry=RetryPolicy(attempts=2, initial=0.01, max=0.02, timeout=2.0),
+        )
     assert down(PROMPTS, COMPLETIONS) == [None, None, None]
     assert down.last_stats["num_critique_failed"] == 3
 

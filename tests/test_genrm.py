@@ -80,7 +80,7 @@ def test_template_errors():
     with pytest.raises(ValueError, match="unknown judge template 'nope'"):
         builtin_template("nope")
     with pytest.raises(ValueError, match=r"never shows \['response'\]"):
-        GenRM(generator=object(), template=JudgeTemplate("Q: {question}", REWARD_PARSER))
+        GenRM(engine=object(), template=JudgeTemplate("Q: {question}", REWARD_PARSER))
 
 
 class ScriptedJudge:
@@ -113,7 +113,7 @@ def moon_coffee_trains(content: str) -> str:
 
 def test_scripted_generator_unparsed_and_log_extra(caplog):
     judge = ScriptedJudge(moon_coffee_trains)
-    rm = GenRM(generator=judge, template="reward", name="judge_scripted")
+    rm = GenRM(engine=judge, template="reward", name="judge_scripted")
     extra, metrics = {}, {}
     with caplog.at_level(logging.WARNING, logger="rh_trl"):
         rewards = rm(
@@ -136,12 +136,12 @@ def test_scripted_generator_unparsed_and_log_extra(caplog):
 
 def test_reference_column_template_and_missing_column():
     judge = ScriptedJudge(lambda c: "Reward: 0.5")
-    rm = GenRM(generator=judge, template="rating_reference")
+    rm = GenRM(engine=judge, template="rating_reference")
     with pytest.raises(RewardInputError, match=r"no column 'reference'; available columns: \['answer'\]"):
         rm(PROMPTS, COMPLETIONS, answer=["a", "b", "c"])
     custom = JudgeTemplate("Q: {question}\nGold: {answer}\nA: {response}\nScore 0-10.", NUMBER_PARSER)
     judge = ScriptedJudge(lambda c: "7" if "Gold: 42" in c else "2")
-    rm = GenRM(generator=judge, template=custom)
+    rm = GenRM(engine=judge, template=custom)
     assert rm(PROMPTS[:2], COMPLETIONS[:2], answer=["42", "x"]) == [7.0, 2.0]
     assert (
         judge.seen[0][-1]["content"]
@@ -164,10 +164,10 @@ def test_pairwise_both_orders_cancel_position_bias():
     prompts = [PROMPTS[0]] * 3
     comps = ["a good one", "bad", "also bad"]
     biased = ScriptedJudge(lambda c: "[[A]]")  # always picks the first position
-    rm = GenRM(generator=biased, template="pairwise")
+    rm = GenRM(engine=biased, template="pairwise")
     assert rm(prompts, comps) == [0.5, 0.5, 0.5]
     assert len(biased.seen) == 6  # 3 pairs, both orders
-    fair = GenRM(generator=ScriptedJudge(pairwise_answer), template="pairwise")
+    fair = GenRM(engine=ScriptedJudge(pairwise_answer), template="pairwise")
     # win rates: good beats both; the two bad ones tie with each other and lose to good
     assert fair(prompts, comps) == [1.0, 0.25, 0.25]
     assert fair(prompts, comps, reference=["good ref"] * 3) == [0.5, 0.0, 0.0]
@@ -188,7 +188,7 @@ def server_url():
 
 def test_server_round_trip(server_url):
     url, app = server_url
-    rm = GenRM("judge-7b", base_url=url + "/v1", max_new_tokens=64, retry=FAST_RETRY)
+    rm = GenRM(url + "/v1", engine="openai", served_model="judge-7b", max_new_tokens=64, retry=FAST_RETRY)
     start = len(app.state.requests)
     rewards = rm(PROMPTS, COMPLETIONS)
     assert rewards == [pytest.approx(0.8), pytest.approx(0.3), None]
@@ -200,10 +200,54 @@ def test_server_round_trip(server_url):
     assert rm.score(PROMPTS, COMPLETIONS) == rewards
 
 
+def test_former_spellings_warn_and_do_the_same(server_url):
+    url, _ = server_url
+    with pytest.warns(
+        DeprecationWarning, match=r"GenRM\(model, base_url=URL\) is deprecated; write GenRM\(URL"
+    ):
+        old = GenRM("judge-7b", base_url=url, retry=FAST_RETRY, name="old_spelling")
+    assert old(PROMPTS, COMPLETIONS) == [pytest.approx(0.8), pytest.approx(0.3), None]
+    assert old.__name__ == "old_spelling" and old.client.model == "judge-7b"
+    judge = ScriptedJudge(moon_coffee_trains)
+    with pytest.warns(
+        DeprecationWarning, match=r"GenRM\(generator=…\) is deprecated; write GenRM\(engine=…\)"
+    ):
+        scripted = GenRM(generator=judge, template="reward")
+    assert scripted.engine is judge and scripted(PROMPTS, COMPLETIONS)[0] == pytest.approx(0.8)
+
+
+def test_listwise_judge_sees_each_group_once(caplog):
+    """One call per prompt's group, every completion of it shown; each gets its own score from the answer."""
+    prompts = [PROMPTS[0]] * 3 + [PROMPTS[1]] * 2 + [PROMPTS[2]]
+    completions = ["Bright.", "Cold and far.", "Round.", "Beans.", "Cups.", "Fast."]
+
+    def rank(content: str) -> str:
+        if "coffee" in content:
+            return "Scores: [4, 9, 2]"  # three scores for two responses: unreadable
+        if "trains" in content:
+            return "Scores: [6]"
+        return "Thinking.\nScores: [8, 10, 3]"
+
+    judge = ScriptedJudge(rank)
+    rm = GenRM(engine=judge, template="listwise", name="ranked")
+    extra = {}
+    with caplog.at_level(logging.WARNING, logger="rh_trl"):
+        rewards = rm(prompts, completions, log_extra=lambda k, v: extra.__setitem__(k, v))
+    assert rewards == [0.8, 1.0, pytest.approx(0.3), None, None, 0.6]
+    assert (
+        len(judge.seen) == 3 and rm.last_stats["num_judge_calls"] == 3 and rm.last_stats["num_unparsed"] == 1
+    )
+    first = judge.seen[0][-1]["content"]
+    assert all(f"[The Start of Response {k}]\n{c}\n" in first for k, c in enumerate(completions[:3], 1))
+    assert "3 responses to the same user question" in judge.seen[0][0]["content"]
+    assert extra["ranked/judgement"][:3] == ["Thinking.\nScores: [8, 10, 3]"] * 3
+    assert "hold no readable 'Scores: [...]'" in caplog.text
+
+
 def test_wrong_model_name_is_a_configuration_error_naming_the_served_ones(server_url):
     """A 404 for the model's name is not one sample's failure: every request would fail the same way."""
     url, _ = server_url
-    rm = GenRM("other-model", base_url=url, retry=FAST_RETRY)
+    rm = GenRM(url, engine="openai", served_model="other-model", retry=FAST_RETRY)
     with pytest.raises(
         ModelNotServedError, match=r"does not serve the model 'other-model'; it serves \['judge-7b'\]"
     ):
@@ -212,7 +256,7 @@ def test_wrong_model_name_is_a_configuration_error_naming_the_served_ones(server
 
 def test_server_down_gives_none_counted(caplog):
     url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
-    rm = GenRM("judge-7b", base_url=[url, url + "/v1"], retry=FAST_RETRY)
+    rm = GenRM([url, url + "/v1"], engine="openai", served_model="judge-7b", retry=FAST_RETRY)
     with caplog.at_level(logging.ERROR, logger="rh_trl"):
         rewards = rm(PROMPTS, COMPLETIONS)
     assert rewards == [None, None, None]
@@ -275,7 +319,7 @@ def test_local_engine_with_scripted_generation(judge_lm, chatml, monkeypatch):
 def test_grpo_two_steps_with_chat_server(tmp_path, server_url):
     url, _ = server_url
     tok = bpe_tokenizer("llama")
-    rm = GenRM("judge-7b", base_url=url, name="genrm_test", retry=FAST_RETRY)
+    rm = GenRM(url, engine="openai", served_model="judge-7b", name="genrm_test", retry=FAST_RETRY)
     policy = tiny_causal_lm(tok, seed=5)
     trainer = train_grpo(tmp_path, policy, tok, [rm], dataset=prompt_dataset(8), max_completion_length=6)
     logs = [h for h in trainer.state.log_history if "genrm_test/num_unparsed" in h]

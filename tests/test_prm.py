@@ -354,8 +354,14 @@ def test_bad_options_are_refused(qwen_style, rlhflow_style):
     with pytest.raises(ValueError, match="unknown PRM kind"):
         PRM(model, tok, kind="value")
     lm, ltok = rlhflow_style
-    with pytest.raises(ValueError, match="separator' PRMs only"):
-        PRM(lm, ltok, kind="next_token", engine="vllm")
+    with pytest.raises(TypeError, match="loads the model by path or hub id, got a LlamaForCausalLM"):
+        PRM(lm, ltok, kind="next_token", engine="vllm")  # vLLM loads its own weights
+    with pytest.raises(ValueError, match="needs tokenizer= as the checkpoint's directory"):
+        PRM("http://127.0.0.1:1", ltok, kind="next_token", engine="openai")
+    with pytest.raises(
+        ValueError, match=r"engine must be one of \['hf', 'vllm', 'openai'\].*did you mean 'vllm'"
+    ):
+        PRM(model, tok, engine="vlm")
     assert not isinstance(PRM(model, tok), torch.nn.Module)
 
 

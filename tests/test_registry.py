@@ -25,6 +25,7 @@ from rh_trl.registry import (
     lookup,
     register_model,
     resolve,
+    supported_engines,
 )
 from rh_trl.rewards.pairwise import LAYOUTS
 from rh_trl.testing import bpe_tokenizer, tiny_causal_lm, tiny_llama_config, tiny_reward_model
@@ -428,8 +429,7 @@ def test_saved_cloud_model_is_cloud(tmp_path, chatml_tok):
     cloud = load(str(path), max_new_tokens=3)
     assert type(cloud) is CLoud and cloud.max_new_tokens == 3
     assert all(math.isfinite(x) for x in cloud.score(["Say hi."], ["Hi!"]))
-    with pytest.raises(ValueError, match=r"engine='vllm'; engines it supports: \['hf'\].*critique_url"):
-        load(str(path), engine="vllm")
+    assert supported_engines(type(cloud), {}) == ("hf", "vllm", "openai")  # critiques and head on vLLM too
 
 
 def test_original_cloud_format_is_refused_with_the_reason(tmp_path):
@@ -554,10 +554,13 @@ def test_engines_a_class_does_not_run_on(tmp_path, llama_tok, chatml_tok, hub_ca
         ValueError, match=r"ORM \(orm\) does not run on engine='vllm'; engines it supports: \['hf'\]"
     ):
         load(str(rm_path), engine="vllm", adapter="armorm")
+    with pytest.raises(ValueError, match="which vLLM's model registry does not have"):  # and why
+        load(str(rm_path), engine="vllm", adapter="armorm")
     repo = "RLHFlow/Llama3.1-8B-PRM-Deepseek-Data"
     save(tiny_causal_lm(llama_tok, **SMALL), llama_tok, snapshot_dir(hub_cache, repo))
-    with pytest.raises(ValueError, match=r"prm:next_token.*engine='vllm'; engines it supports: \['hf'\]"):
-        load(repo, engine="vllm")
+    resolution = resolve(repo)
+    assert resolution.options == {"kind": "next_token"}  # every PRM kind runs on every engine
+    assert supported_engines(resolution.target, resolution.options) == ("hf", "vllm", "openai")
     with pytest.raises(ValueError, match="unknown engine 'tgi'"):
         load(str(rm_path), engine="tgi")
 

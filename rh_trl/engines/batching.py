@@ -114,6 +114,16 @@ def log_too_long(label: str, lengths: Sequence[int], limit: int | None) -> None:
         )
 
 
+def reason_counts(reasons: Sequence[str | None], always: Sequence[str] = ()) -> dict[str, int]:
+    """How many sequences got no value from an engine, per reason (``too_long``, ``server_failed``,
+    ``server_rejected``); the keys in ``always`` are reported even when zero."""
+    counts = {key: 0 for key in always}
+    for reason in reasons:
+        if reason is not None:
+            counts[reason] = counts.get(reason, 0) + 1
+    return counts
+
+
 def run_fitting(
     label: str,
     sequences: Sequence[Sequence[int]],

@@ -10,15 +10,24 @@
 * Every engine still running when the interpreter exits is shut down first (``atexit``). Left to vLLM's own
   finalizers, the engine-core process sometimes exited before its client, and the interpreter then aborted
   with "terminate called without an active exception" (exit status 134).
+* vLLM starts its engine core with ``spawn``, which imports the main script again in the new process: a script
+  that builds an engine outside ``if __name__ == "__main__":`` is refused before anything starts, naming the
+  line (:func:`check_main_guard`), instead of dying in Python's bootstrapping error.
+* Engines of one process share its accelerator: the ``gpu_memory_utilization`` of every rh_trl engine alive in
+  the process and what is reserved for a trainer's own vLLM engine (:func:`reserve_memory`) must add up to at
+  most 1, else the engine is refused at construction (:func:`check_memory_split`). On CPU, where vLLM sizes each
+  engine's KV cache by ``VLLM_CPU_KVCACHE_SPACE`` instead, nothing is checked.
 
 vLLM is an optional dependency: ``pip install 'rh_trl[vllm]'``.
 """
 
 from __future__ import annotations
 
+import ast
 import atexit
 import logging
 import os
+import sys
 import weakref
 from pathlib import Path
 from typing import Any
@@ -36,6 +45,125 @@ def _close_running_engines() -> None:
             engine.close()
         except Exception as err:  # exiting anyway: say so, never mask the exit status
             logger.warning("could not shut down the vLLM engine for %s at exit: %s", engine.model, err)
+
+
+#: the engines an rh_trl reward takes by name
+ENGINES = ("hf", "vllm", "openai")
+
+
+def engine_kind(engine: Any) -> str:
+    """Check an ``engine=`` name: ``"hf"``, ``"vllm"`` or ``"openai"`` (an error names the closest)."""
+    if isinstance(engine, str) and engine in ENGINES:
+        return engine
+    from rh_trl.options import did_you_mean
+
+    hint = did_you_mean(engine, ENGINES) if isinstance(engine, str) else ""
+    raise ValueError(f"engine must be one of {list(ENGINES)} or an engine object, got {engine!r}{hint}")
+
+
+def check_main_guard() -> None:
+    """Refuse to start a vLLM engine from a script's top level outside ``if __name__ == "__main__":``.
+
+    vLLM starts its engine core with ``spawn``, which runs the main script again in the new process; there the
+    engine would be built once more, and Python stops that with a bootstrapping error that does not say what to
+    change. A script run as ``python script.py`` is read here: when the line building the engine is at its top
+    level and not inside the guard, a ``RuntimeError`` names the line and the fix.
+    """
+    main = sys.modules.get("__main__")
+    path = getattr(main, "__file__", None)
+    if not path or not str(path).endswith(".py") or not _spawns():
+        return  # an interactive session, python -c, a notebook, or fork: the script does not run again
+    frame = sys._getframe(1)
+    while frame is not None and not (
+        frame.f_code.co_name == "<module>" and frame.f_globals.get("__name__") in ("__main__", "__mp_main__")
+    ):
+        frame = frame.f_back
+    if frame is not None:
+        problem = unguarded(Path(path), frame.f_lineno)
+        if problem:
+            raise RuntimeError(problem)
+
+
+def unguarded(script: Path, line: int) -> str | None:
+    """The error for a vLLM engine built on ``line`` of ``script``'s top level outside ``if __name__ ==
+    "__main__":``, or ``None`` when the line is inside the guard (or the script cannot be read)."""
+    try:
+        tree = ast.parse(script.read_text())
+    except (OSError, SyntaxError, ValueError):
+        return None
+    for node in tree.body:
+        if (
+            isinstance(node, ast.If)
+            and _is_main_test(node.test)
+            and node.lineno <= line <= (node.end_lineno or 0)
+        ):
+            return None
+    return (
+        f"{script.name}, line {line}: a vLLM engine is built at the top level of the script. vLLM starts its "
+        "engine in a new process that runs this script again; put the code that builds rewards and trainers under "
+        'if __name__ == "__main__": (e.g. in a main() function called from there)'
+    )
+
+
+def _spawns() -> bool:
+    """Whether vLLM will start its processes with ``spawn`` (its CPU platform always does; so does any platform
+    once CUDA is initialized, or when asked to)."""
+    if os.environ.get("VLLM_WORKER_MULTIPROC_METHOD") == "spawn":
+        return True
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return True
+    from vllm.platforms import current_platform
+
+    return bool(current_platform.is_cpu())
+
+
+def _is_main_test(test: ast.expr) -> bool:
+    """Whether ``test`` is ``__name__ == "__main__"`` (either way round)."""
+    if not (isinstance(test, ast.Compare) and len(test.ops) == 1 and isinstance(test.ops[0], ast.Eq)):
+        return False
+    sides = [test.left, test.comparators[0]]
+    names = [s.id for s in sides if isinstance(s, ast.Name)]
+    strings = [s.value for s in sides if isinstance(s, ast.Constant)]
+    return names == ["__name__"] and strings == ["__main__"]
+
+
+#: accelerator memory set aside for vLLM engines that are not rh_trl's (a trainer's colocated engine)
+_reserved: dict[str, float] = {}
+
+
+def reserve_memory(what: str, share: float) -> None:
+    """Set aside ``share`` of the accelerator's memory for another vLLM engine of this process (``what``)."""
+    check_memory_split(share, what)
+    _reserved[what] = share
+
+
+def splits_accelerator_memory() -> bool:
+    """Whether vLLM's engines here take shares of an accelerator's memory (``gpu_memory_utilization``); on CPU
+    they do not."""
+    from vllm.platforms import current_platform
+
+    return not current_platform.is_cpu()
+
+
+def check_memory_split(adding: float, what: str) -> None:
+    """Refuse an engine whose ``gpu_memory_utilization`` (``adding``) does not fit beside the rh_trl engines alive
+    in this process and the memory reserved for others: together they may take at most the whole device."""
+    if not 0.0 < adding <= 1.0:
+        raise ValueError(f"{what}: gpu_memory_utilization must be in (0, 1], got {adding}")
+    if not splits_accelerator_memory():
+        return
+    shares = [(f"{e.name} (rh_trl)", e.gpu_memory_utilization) for e in list(_running)]
+    shares += [(name, share) for name, share in _reserved.items() if name != what]
+    total = sum(share for _, share in shares) + adding
+    if total > 1.0 + 1e-9:
+        parts = " + ".join(f"{name} {share:g}" for name, share in [*shares, (what, adding)])
+        raise ValueError(
+            f"the vLLM engines of this process ask for more than the whole accelerator's memory: {parts} = "
+            f"{total:g} > 1. Lower gpu_memory_utilization (vllm_kwargs= of a reward, vllm_gpu_memory_utilization "
+            "of the trainer) so that they add up to at most 1"
+        )
 
 
 def import_vllm() -> Any:
@@ -114,6 +242,9 @@ class InProcessVLLM:
             raise TypeError(f"the vLLM engine loads models by path or hub id; got a {type(model).__name__}")
         vllm = import_vllm()
         check_sleep_mode(enable_sleep_mode)
+        check_main_guard()
+        check_memory_split(gpu_memory_utilization, f"{Path(os.fspath(model)).name} (rh_trl, being built)")
+        self.gpu_memory_utilization = gpu_memory_utilization
         self.model = os.fspath(model)
         self.dtype = engine_dtype(model, dtype)
         self.enable_sleep_mode = enable_sleep_mode

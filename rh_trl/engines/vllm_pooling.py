@@ -1,6 +1,6 @@
-"""Reward models on vLLM's pooling runner: raw head outputs, in this process or from ``vllm serve``.
+"""Reward models on vLLM's pooling runner: raw head outputs or hidden states, in this process or from ``vllm serve``.
 
-Two tasks, both asked with ``use_activation=False`` so that rh_trl applies the same softmax / sigmoid /
+Four tasks, all asked with ``use_activation=False`` by default so that rh_trl applies the same softmax / sigmoid /
 normalization on every engine:
 
 * ``"classify"`` — one row per sequence (``[num_labels]``): sequence-classification reward models, pooled at
@@ -14,6 +14,13 @@ normalization on every engine:
   ``POST /pooling`` with ``"task": "token_classify"`` (start ``vllm serve`` with
   ``--pooler-config '{"tok_pooling_type": "ALL"}'`` for such models). :func:`rows_at_steps` reads the step rows
   from either an all-token or a step-pooled answer.
+* ``"embed"`` — one vector per sequence, pooled as ``pooling`` says (``"last"``, ``"mean"``, ``"cls"``): sentence
+  encoders, and a causal LM's final hidden state at the last token (``convert="embed"``; what a pairwise model's
+  or CLoud's head reads). On a server: ``POST /pooling`` with ``"task": "embed"``.
+* ``"token_embed"`` — a causal LM's final hidden state at every token (``[seq, hidden]``), from which
+  :class:`~rh_trl.engines.chosen_logits.ChosenLogits` computes a few tokens' logits (next-token and step-tag
+  PRMs). On a server: ``POST /pooling`` with ``"task": "token_embed"`` (``vllm serve DIR --runner pooling
+  --convert embed --pooler-config '{"task": "token_embed", "tok_pooling_type": "ALL"}'``).
 
 vLLM is an optional dependency: ``pip install 'rh_trl[vllm]'``.
 """
@@ -30,12 +37,37 @@ from rh_trl.engines.batching import Reason, deduplicate, run_fitting
 from rh_trl.engines.http import MalformedResponse
 from rh_trl.engines.logprobs import TokenMismatchError
 from rh_trl.engines.server_batches import SequenceBatchClient
-from rh_trl.engines.vllm_llm import InProcessVLLM, import_vllm
+from rh_trl.engines.vllm_llm import InProcessVLLM, engine_kind, import_vllm
 
-PoolingTask = Literal["classify", "token_classify"]
+PoolingTask = Literal["classify", "token_classify", "embed", "token_embed"]
+POOLING_TASKS = ("classify", "token_classify", "embed", "token_embed")
+#: tasks with one row per token (the others give one row per sequence)
+TOKEN_TASKS = ("token_classify", "token_embed")
 
 #: the pooler that makes a token-classification model return a row for every token
 ALL_TOKENS = {"tok_pooling_type": "ALL"}
+
+
+def _check_task(task: str) -> None:
+    if task not in POOLING_TASKS:
+        raise ValueError(f"task must be one of {list(POOLING_TASKS)}, got {task!r}")
+
+
+def default_pooler(
+    model: str | os.PathLike, task: str, pooling: str
+) -> tuple[dict[str, Any] | None, str | None]:
+    """vLLM's pooler settings and ``convert`` option for ``task`` (a causal LM gives hidden states through
+    ``convert="embed"``)."""
+    if task == "token_classify":
+        return ALL_TOKENS, None
+    if task == "classify":
+        return None, None
+    from rh_trl.loading import config_dict
+
+    causal = any(a.endswith("ForCausalLM") for a in config_dict(os.fspath(model)).get("architectures") or [])
+    if task == "token_embed":
+        return {"task": "token_embed", "tok_pooling_type": "ALL"}, "embed" if causal else None
+    return {"task": "embed", "pooling_type": pooling.upper()}, "embed" if causal else None
 
 
 def rows_at_steps(
@@ -65,12 +97,15 @@ def rows_at_steps(
 
 
 class VLLMPoolingEngine(InProcessVLLM):
-    """A reward model in an in-process ``vllm.LLM(runner="pooling")``, asked for raw head outputs.
+    """A model in an in-process ``vllm.LLM(runner="pooling")``, asked for raw head outputs or hidden states.
 
     Args:
         model: a model directory or hub id.
-        task: ``"classify"`` (a row per sequence) or ``"token_classify"`` (a row per token).
-        pooler_config: vLLM's pooler settings (default for ``token_classify``: ALL token pooling).
+        task: ``"classify"``, ``"token_classify"``, ``"embed"`` or ``"token_embed"`` (see the module doc).
+        pooling: how ``"embed"`` pools a sequence: ``"last"`` (default), ``"mean"`` or ``"cls"``.
+        use_activation: vLLM's activation on the pooled output (softmax/sigmoid for classification, L2
+            normalization for embeddings); off by default, so that rh_trl's own transforms apply once.
+        pooler_config: vLLM's pooler settings (default: what ``task`` and ``pooling`` need).
         dtype, enable_sleep_mode, **llm_kwargs: see :class:`~rh_trl.engines.vllm_llm.InProcessVLLM`.
     """
 
@@ -79,23 +114,30 @@ class VLLMPoolingEngine(InProcessVLLM):
         model: str | os.PathLike,
         *,
         task: PoolingTask,
+        pooling: str = "last",
+        use_activation: bool = False,
         pooler_config: dict[str, Any] | Any = None,
         **llm_kwargs: Any,
     ) -> None:
-        if task not in ("classify", "token_classify"):
-            raise ValueError(f"task must be 'classify' or 'token_classify', got {task!r}")
-        if pooler_config is None and task == "token_classify":
-            pooler_config = ALL_TOKENS
+        _check_task(task)
+        if not isinstance(model, str | os.PathLike):
+            raise TypeError(f"the vLLM engine loads models by path or hub id; got a {type(model).__name__}")
+        default, convert = default_pooler(model, task, pooling)
+        pooler_config = default if pooler_config is None else pooler_config
         if isinstance(pooler_config, dict):
             import_vllm()
             from vllm.config import PoolerConfig
 
             pooler_config = PoolerConfig(**pooler_config)
+        if convert is not None:
+            llm_kwargs.setdefault("convert", convert)
         super().__init__(model, runner="pooling", pooler_config=pooler_config, **llm_kwargs)
         self.task = task
+        self.pooling = pooling
+        self.use_activation = use_activation
 
     def run(self, sequences: Sequence[Sequence[int]]) -> tuple[list[torch.Tensor | None], list[Reason]]:
-        """Each sequence's raw head outputs (float32), or ``None`` and the reason (``"too_long"``)."""
+        """Each sequence's pooled rows (float32), or ``None`` and the reason (``"too_long"``)."""
         from vllm import PoolingParams
         from vllm.inputs import TokensPrompt
 
@@ -103,7 +145,7 @@ class VLLMPoolingEngine(InProcessVLLM):
             outputs = self.llm.encode(
                 [TokensPrompt(prompt_token_ids=ids) for ids in prompts],
                 pooling_task=self.task,
-                pooling_params=PoolingParams(use_activation=False),
+                pooling_params=PoolingParams(use_activation=self.use_activation),
                 use_tqdm=False,
             )
             rows = []
@@ -122,28 +164,39 @@ class VLLMPoolingEngine(InProcessVLLM):
 
 
 class VLLMPoolingClient(SequenceBatchClient[torch.Tensor]):
-    """Raw head outputs from ``vllm serve --runner pooling`` (``/classify``, or ``/pooling`` for token rows).
+    """Pooled rows from ``vllm serve --runner pooling`` (``/classify``, or ``/pooling`` for the other tasks).
 
     Args:
         urls: base URL(s) of the server (replicas of one model), without ``/v1``.
-        task: ``"classify"`` or ``"token_classify"`` (see the module doc).
+        task: ``"classify"``, ``"token_classify"``, ``"embed"`` or ``"token_embed"`` (see the module doc).
+        use_activation: as for :class:`VLLMPoolingEngine`.
         label, **options: ``model`` (the served name), ``api_key``, ``batch_size``, ``max_concurrency``,
             ``retry``, ``transport``: see :class:`~rh_trl.engines.server_batches.SequenceBatchClient`.
     """
 
     def __init__(
-        self, urls: str | Sequence[str], *, task: PoolingTask, label: str = "reward model", **options: Any
+        self,
+        urls: str | Sequence[str],
+        *,
+        task: PoolingTask,
+        use_activation: bool = False,
+        label: str = "reward model",
+        **options: Any,
     ) -> None:
-        if task not in ("classify", "token_classify"):
-            raise ValueError(f"task must be 'classify' or 'token_classify', got {task!r}")
+        _check_task(task)
         super().__init__(urls, label=label, **options)
         self.task = task
+        self.use_activation = use_activation
         self.PATH = "/classify" if task == "classify" else "/pooling"
 
     def payload(self, prompts: list[list[int]]) -> dict[str, Any]:
-        body: dict[str, Any] = {"input": prompts, "use_activation": False, "add_special_tokens": False}
-        if self.task == "token_classify":
-            body["task"] = "token_classify"
+        body: dict[str, Any] = {
+            "input": prompts,
+            "use_activation": self.use_activation,
+            "add_special_tokens": False,
+        }
+        if self.task != "classify":
+            body["task"] = self.task
         if self.model is not None:
             body["model"] = self.model
         return body
@@ -172,7 +225,7 @@ class VLLMPoolingClient(SequenceBatchClient[torch.Tensor]):
                 raise MalformedResponse(
                     f"{where}: entry {i} has no numeric '{key}' list: {str(entry)[:200]}"
                 ) from None
-            if row.dim() != (1 if self.task == "classify" else 2):
+            if row.dim() != (2 if self.task in TOKEN_TASKS else 1):
                 raise MalformedResponse(f"{where}: entry {i}: '{key}' has shape {tuple(row.shape)}")
             classes = entry.get("num_classes")
             if isinstance(classes, int) and classes != row.shape[-1]:
@@ -183,18 +236,19 @@ class VLLMPoolingClient(SequenceBatchClient[torch.Tensor]):
         return rows
 
 
-def engine_argument(engine: Any, task: PoolingTask) -> tuple[str, VLLMPoolingEngine | None]:
+def engine_argument(
+    engine: Any, task: PoolingTask, pooling: str | None = None
+) -> tuple[str, VLLMPoolingEngine | None]:
     """A pooling reward's ``engine=``: its kind (``"hf"``, ``"vllm"``, ``"openai"``), and the engine itself when an
-    already-built :class:`VLLMPoolingEngine` was given to share."""
+    already-built :class:`VLLMPoolingEngine` was given to share (its task, and pooling when given, must fit)."""
     if isinstance(engine, VLLMPoolingEngine):
-        if engine.task != task:
+        if engine.task != task or (pooling is not None and engine.pooling != pooling):
             raise ValueError(
-                f"engine= is a vLLM engine for the task {engine.task!r}; this reward needs {task!r}"
+                f"engine= is a vLLM engine for the task {engine.task!r} (pooling {engine.pooling!r}); this reward "
+                f"needs the task {task!r}" + (f" with pooling {pooling!r}" if pooling else "")
             )
         return "vllm", engine
-    if engine not in ("hf", "vllm", "openai"):
-        raise ValueError(f"engine must be 'hf', 'vllm', 'openai' or a VLLMPoolingEngine, got {engine!r}")
-    return engine, None
+    return engine_kind(engine), None
 
 
 def build_pooling_engine(
@@ -206,16 +260,24 @@ def build_pooling_engine(
     dtype: Any = "auto",
     trust_remote_code: bool = False,
     vllm_kwargs: dict[str, Any] | None = None,
+    pooling: str = "last",
+    use_activation: bool = False,
     **client_options: Any,
 ) -> VLLMPoolingEngine | VLLMPoolingClient:
     """A pooling reward's vLLM engine: in this process (``"vllm"``; ``source`` a path or hub id) or a client of
     ``vllm serve`` (``"openai"``; ``source`` the URL(s), ``client_options`` as for :class:`VLLMPoolingClient`)."""
     if kind == "openai":
-        return VLLMPoolingClient(source, task=task, **client_options)
+        return VLLMPoolingClient(source, task=task, use_activation=use_activation, **client_options)
     if shared is not None:
         return shared
     if not isinstance(source, str | os.PathLike):
         raise TypeError(f"engine='vllm' loads the model by path or hub id, got a {type(source).__name__}")
     return VLLMPoolingEngine(
-        source, task=task, dtype=dtype, trust_remote_code=trust_remote_code, **(vllm_kwargs or {})
+        source,
+        task=task,
+        pooling=pooling,
+        use_activation=use_activation,
+        dtype=dtype,
+        trust_remote_code=trust_remote_code,
+        **(vllm_kwargs or {}),
     )

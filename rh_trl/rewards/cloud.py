@@ -18,6 +18,7 @@ one (prompt, response):
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,8 +32,10 @@ from transformers.utils import ModelOutput
 from rh_trl.engines.generation import ChatClient, HFGenerator
 from rh_trl.engines.hf import HFEngine
 from rh_trl.engines.http import RetryPolicy, run_sync
+from rh_trl.engines.vllm_llm import engine_kind
 from rh_trl.formatting import RewardInputError, Sample
-from rh_trl.loading import load_model, load_tokenizer, padding_id
+from rh_trl.loading import load_model, load_tokenizer, padding_id, temporary_folder
+from rh_trl.options import deprecated
 from rh_trl.rewards.base import Batch, Reward, RewardOutput
 
 logger = logging.getLogger("rh_trl")
@@ -147,14 +150,26 @@ class CLoud(Reward):
         preamble: the text that opens the critique turn (the CLoud default unless the model was trained with
             another).
         max_new_tokens: longest critique, in tokens (a critique cut there is counted as ``critique_truncated``).
-        critique_url, critique_model: generate critiques on an OpenAI-compatible server that serves this model's
-            LM as ``critique_model`` (vLLM: the request continues the open user turn with
-            ``continue_final_message``); scoring stays local. A critique that fails gives ``None``
-            (``num_critique_failed``).
+        engine: where critiques are generated. ``"hf"``: transformers in this process. ``"vllm"``: an in-process
+            ``vllm.LLM`` of the model's LM (written once to a temporary directory), from the same token ids, so
+            greedy critiques are the same. ``"openai"``: an OpenAI-compatible server that serves the model's LM
+            (the request continues the open user turn with vLLM's ``continue_final_message``); ``model`` is then
+            the server's URL (or replicas' URLs), and the CLoud checkpoint, whose head scores here, is
+            ``checkpoint`` (a directory, hub id or ``CLoudModel``), by default ``tokenizer`` (a directory or hub
+            id holding both). A critique that fails gives ``None`` (``num_critique_failed``).
+        score_engine: where the reward head reads the critiqued conversation: ``"hf"`` (the model in this
+            process) or ``"vllm"`` (the LM's final hidden state at the last token from an in-process vLLM pooling
+            runner, then the head here; the transformers model is then not kept). Default: ``"vllm"`` with
+            ``engine="vllm"``, else ``"hf"``.
+        served_model, api_key, max_concurrency, retry, transport: the ``"openai"`` engine (``served_model``: the
+            name the server serves the LM under; default: its only model).
+        vllm_kwargs: passed to ``vllm.LLM`` (both engines) with ``engine="vllm"`` / ``score_engine="vllm"``.
         batch_size: prompts per local ``generate`` call.
-        max_tokens_per_batch, max_batch_size: the scoring engine's micro-batch budget.
+        max_tokens_per_batch, max_batch_size: the ``"hf"`` scoring engine's micro-batch budget.
         chat_template: a Jinja template to use instead of the tokenizer's.
         device, dtype, progress, strict: as for :class:`~rh_trl.ORM`.
+        critique_url, critique_model: the former spelling of ``engine="openai"`` (with ``model`` the checkpoint and
+            ``critique_model`` the served name); deprecated.
     """
 
     def __init__(
@@ -165,8 +180,9 @@ class CLoud(Reward):
         name: str | None = None,
         preamble: str = CLOUD_PREAMBLE,
         max_new_tokens: int = 1024,
-        critique_url: str | Sequence[str] | None = None,
-        critique_model: str | None = None,
+        engine: str = "hf",
+        score_engine: str | None = None,
+        served_model: str | None = None,
         api_key: str | None = None,
         max_concurrency: int = 32,
         retry: RetryPolicy | None = None,
@@ -177,11 +193,37 @@ class CLoud(Reward):
         chat_template: str | None = None,
         device: str | torch.device | None = None,
         dtype: str | torch.dtype | None = "auto",
+        vllm_kwargs: dict[str, Any] | None = None,
         progress: bool = False,
         strict: bool = False,
+        checkpoint: Any = None,
+        critique_url: str | Sequence[str] | None = None,
+        critique_model: str | None = None,
     ) -> None:
         if not preamble.strip():
             raise ValueError("preamble must hold some text: the critique turn is found by it")
+        engine = engine_kind(engine)
+        urls: Any = None
+        if critique_url is not None:
+            deprecated(
+                "CLoud(model, critique_url=URL, critique_model=NAME)",
+                "CLoud(URL, tokenizer=model, engine='openai', served_model=NAME)",
+            )
+            engine, urls, served_model = "openai", critique_url, critique_model or served_model
+        elif engine == "openai":
+            checkpoint = checkpoint if checkpoint is not None else tokenizer
+            if checkpoint is None or not isinstance(checkpoint, str | os.PathLike | CLoudModel):
+                raise ValueError(
+                    "engine='openai' takes the critique server's URL as model, and the CLoud checkpoint (a directory "
+                    "or hub id, as tokenizer= or checkpoint=; or a CLoudModel as checkpoint=): the reward head "
+                    "scores here"
+                )
+            urls, model = model, checkpoint
+            if tokenizer is checkpoint and not isinstance(tokenizer, str | os.PathLike):
+                tokenizer = None
+        score_engine = score_engine or ("vllm" if engine == "vllm" else "hf")
+        if score_engine not in ("hf", "vllm"):
+            raise ValueError(f"score_engine must be 'hf' or 'vllm', got {score_engine!r}")
         self.model = load_model(model, CLoudModel, dtype=dtype, device=device)
         if not isinstance(self.model, CLoudModel):
             raise TypeError(
@@ -201,21 +243,15 @@ class CLoud(Reward):
         eos = getattr(self.tokenizer, "eos_token_id", None)
         if eos is not None and eos not in stops:
             stops.append(int(eos))
-        self.generator = HFGenerator(
-            self.model.lm,
-            self.tokenizer,
-            max_new_tokens=max_new_tokens,
-            batch_size=batch_size,
-            stop_token_ids=stops,
-            progress=progress,
-        )
+        self.engine_kind, self.score_engine = engine, score_engine
         self.client: ChatClient | None = None
-        if critique_url is not None:
-            if not critique_model:
-                raise ValueError("critique_url=… needs critique_model=… (the served model's name)")
+        self.generator: Any = None
+        lm_dir = self.export_lm() if "vllm" in (engine, score_engine) else None
+        llm_options = {"dtype": dtype, **(vllm_kwargs or {})}
+        if engine == "openai":
             self.client = ChatClient(
-                critique_url,
-                critique_model,
+                urls,
+                served_model,
                 api_key=api_key,
                 max_tokens=max_new_tokens,
                 temperature=0.0,
@@ -224,9 +260,44 @@ class CLoud(Reward):
                 retry=retry,
                 transport=transport,
             )
-        self.engine = HFEngine(
-            self.model, padding_id(self.tokenizer), max_tokens_per_batch, max_batch_size, progress=progress
-        )
+        elif engine == "vllm":
+            from rh_trl.engines.vllm_generation import VLLMGenerator
+
+            self.generator = VLLMGenerator(
+                lm_dir, self.tokenizer, max_new_tokens=max_new_tokens, stop_token_ids=stops, **llm_options
+            )
+        else:
+            self.generator = HFGenerator(
+                self.model.lm,
+                self.tokenizer,
+                max_new_tokens=max_new_tokens,
+                batch_size=batch_size,
+                stop_token_ids=stops,
+                progress=progress,
+            )
+        self.head = self.model.reward_head
+        if score_engine == "vllm":
+            from rh_trl.engines.vllm_pooling import VLLMPoolingEngine
+
+            self.engine: Any = VLLMPoolingEngine(lm_dir, task="embed", pooling="last", **llm_options)
+            self.head = self.head.float().cpu().eval()
+            if engine != "hf":  # nothing runs the transformers model any more
+                self.model = None
+        else:
+            self.engine = HFEngine(
+                self.model,
+                padding_id(self.tokenizer),
+                max_tokens_per_batch,
+                max_batch_size,
+                progress=progress,
+            )
+
+    def export_lm(self) -> str:
+        """The model's LM and tokenizer written to a temporary directory (removed at exit), for vLLM to load."""
+        folder = temporary_folder("rh_trl-cloud-lm-")
+        self.model.lm.save_pretrained(folder)
+        self.tokenizer.save_pretrained(folder)
+        return folder
 
     # -- layout ---------------------------------------------------------------------------------------------------
 
@@ -292,11 +363,25 @@ class CLoud(Reward):
                 )
             truncated = sum(r.finish_reason == "length" for r in results)
             texts = [None if r.text is None else r.text.strip() for r in results]
-            return texts, {"critique_failed": len(failed), "critique_truncated": truncated}
+            return texts, {"critique_failed": len(failed), "critique_truncated": truncated, "too_long": 0}
         prefixes = [self.tokenizer(lay.prefix, add_special_tokens=False)["input_ids"] for lay in layouts]
         outputs = self.generator.generate(prefixes)
-        truncated = sum(not g.finished for g in outputs)
-        return [g.text.strip() for g in outputs], {"critique_failed": 0, "critique_truncated": truncated}
+        truncated = sum(not g.finished and g.reason is None for g in outputs)
+        too_long = sum(g.reason == "too_long" for g in outputs)  # no room left in the engine for a critique
+        texts = [None if g.reason else g.text.strip() for g in outputs]
+        return texts, {"critique_failed": 0, "critique_truncated": truncated, "too_long": too_long}
+
+    def head_values(self, sequences: list[list[int]]) -> tuple[list[float | None], list[str | None]]:
+        """The reward head at the end of each critiqued sequence, and per sequence ``None`` or why it got no value
+        (``"too_long"``: longer than the vLLM engine takes)."""
+        if not sequences:
+            return [], []
+        if self.score_engine == "hf":
+            rows = self.engine.run(sequences, _read_last_reward)
+            return [float(row[0]) for row in rows], [None] * len(rows)
+        hidden, reasons = self.engine.run(sequences)
+        with torch.inference_mode():
+            return [None if h is None else float(self.head(h.float())) for h in hidden], reasons
 
     # -- the reward -----------------------------------------------------------------------------------------------
 
@@ -322,18 +407,15 @@ class CLoud(Reward):
         texts, counts = (
             self.critiques(samples, layouts)
             if todo
-            else ([], {"critique_failed": 0, "critique_truncated": 0})
+            else ([], {"critique_failed": 0, "critique_truncated": 0, "too_long": 0})
         )  # type: ignore[arg-type]
         scored = [k for k, t in enumerate(texts) if t is not None]
-        rows = (
-            self.engine.run([self.score_ids(layouts[k], texts[k]) for k in scored], _read_last_reward)
-            if scored
-            else []
-        )  # type: ignore[arg-type]
+        values, reasons = self.head_values([self.score_ids(layouts[k], texts[k]) for k in scored])  # type: ignore[arg-type]
+        counts["too_long"] += sum(r == "too_long" for r in reasons)
         rewards: list[float | None] = [None] * n
         critiques: list[str | None] = [None] * n
-        for k, row in zip(scored, rows, strict=True):
-            rewards[todo[k]] = float(row[0])
+        for k, value in zip(scored, values, strict=True):
+            rewards[todo[k]] = value
         for k, i in enumerate(todo):
             critiques[i] = texts[k]
         counts["render_failed"] = render_failed

@@ -39,11 +39,12 @@ from typing import Any, Literal
 
 import torch
 
+from rh_trl.engines.batching import reason_counts
 from rh_trl.engines.hf import HFEngine
 from rh_trl.engines.http import RetryPolicy, run_sync
 from rh_trl.formatting import ChatFormatter, RewardInputError, Sample, encode_samples
 from rh_trl.loading import load_model, load_tokenizer, padding_id
-from rh_trl.rewards.base import Batch, Reward, RewardOutput, reason_counts
+from rh_trl.rewards.base import Batch, Reward, RewardOutput
 
 logger = logging.getLogger("rh_trl")
 

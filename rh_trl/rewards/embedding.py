@@ -188,9 +188,18 @@ class EmbeddingRM(Reward):
         device: str | torch.device | None = None,
         dtype: str | torch.dtype | None = "auto",
         progress: bool = False,
+        engine: str = "hf",
+        encoder_url: str | Sequence[str] | None = None,
+        served_model: str | None = None,
+        api_key: str | None = None,
+        vllm_kwargs: dict[str, Any] | None = None,
     ) -> EmbeddingRM:
         """Load a reward saved by :meth:`save` (the encoder settings are the saved ones: vectors must match
-        what the heads were trained on)."""
+        what the heads were trained on).
+
+        ``engine`` runs the encoder on ``"hf"``, ``"vllm"`` or ``"openai"`` (see :class:`TextEncoder`); with
+        ``"openai"``, ``encoder_url`` is the server that serves the saved encoder (``served_model``, ``api_key``).
+        """
         directory = Path(directory).expanduser()
         config_path = directory / CONFIG_NAME
         if not config_path.exists():
@@ -209,9 +218,21 @@ class EmbeddingRM(Reward):
         if model == "encoder":
             model = str(directory / "encoder")
         tokenizer_dir = directory / "tokenizer"
+        tokenizer = str(tokenizer_dir) if tokenizer_dir.exists() else None
+        remote: dict[str, Any] = {}
+        if engine == "openai":
+            if encoder_url is None:
+                raise ValueError(
+                    "engine='openai' needs encoder_url=… (the server that serves the saved encoder)"
+                )
+            model, tokenizer = encoder_url, tokenizer or model
+            remote = {"served_model": served_model, "api_key": api_key}
         encoder = TextEncoder(
             model,
-            str(tokenizer_dir) if tokenizer_dir.exists() else None,
+            tokenizer,
+            engine=engine,
+            vllm_kwargs=vllm_kwargs,
+            **remote,
             cache=cache,
             max_tokens_per_batch=max_tokens_per_batch,
             max_batch_size=max_batch_size,
@@ -248,7 +269,7 @@ def load_heads(path: Path, configs: Sequence[dict[str, Any]]) -> list[EmbeddingH
     return heads
 
 
-def load_embedding_rm(model: str | os.PathLike, **options: Any) -> EmbeddingRM:
+def load_embedding_rm(model: str | os.PathLike, engine: str = "hf", **options: Any) -> EmbeddingRM:
     """:meth:`EmbeddingRM.from_pretrained` under the argument name reward specs use
     (``{"type": "embedding", "model": "outputs/embedding-minilm-hh"}``)."""
-    return EmbeddingRM.from_pretrained(model, **options)
+    return EmbeddingRM.from_pretrained(model, engine=engine, **options)

@@ -29,6 +29,9 @@ REWARD_TYPES: dict[str, str] = {
     "orm": "rh_trl.rewards.orm:ORM",
     "prm": "rh_trl.rewards.prm:PRM",
     "drsow": "rh_trl.rewards.drsow:DrSow",
+    "genrm": "rh_trl.rewards.genrm:GenRM",
+    "pairwise": "rh_trl.rewards.pairwise:PairwisePM",
+    "cloud": "rh_trl.rewards.cloud:CLoud",
     "remote": "rh_trl.rewards.remote:RemoteRM",
     "embedding": "rh_trl.rewards.embedding:load_embedding_rm",
     "auto": "rh_trl.registry:load",  # the class is chosen from the model (rh_trl.load)

@@ -10,6 +10,7 @@ its retries gives ``None`` (``num_server_failed``); the judge's text goes to TRL
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -17,18 +18,33 @@ from typing import Any
 import httpx
 import torch
 
-from rh_trl.engines.generation import ChatClient, ChatResult, HFGenerator
+from rh_trl.engines.generation import ChatClient, ChatResult, HFGenerator, TokenGenerator
 from rh_trl.engines.http import RetryPolicy, run_sync
+from rh_trl.engines.vllm_llm import engine_kind
 from rh_trl.formatting import RewardInputError, message_text, plain_conversation, to_sample
+from rh_trl.grouping import call_groups
 from rh_trl.loading import load_model, load_tokenizer
+from rh_trl.options import deprecated
 from rh_trl.rewards.base import Batch, Reward, RewardOutput
-from rh_trl.rewards.genrm_templates import JudgeTemplate, builtin_template
+from rh_trl.rewards.genrm_templates import JudgeTemplate, builtin_template, number_responses
 from rh_trl.rewards.pairwise import find_opponents, group_win_rates, response_text
 
 logger = logging.getLogger("rh_trl")
 
 Conversation = list[dict[str, Any]]
-BUILTIN_FIELDS = ("question", "response", "response_a", "response_b")
+BUILTIN_FIELDS = ("question", "response", "response_a", "response_b", "responses", "count")
+
+
+def _judge_label(engine: Any, model: Any, served_model: str | None) -> str:
+    """A short name of the judge for the default metric name."""
+    if isinstance(engine, ChatClient):
+        return served_model or "judge"
+    if isinstance(engine, TokenGenerator) and isinstance(model, str | os.PathLike):
+        return Path(os.fspath(model)).name
+    lm = getattr(engine, "model", None)
+    if lm is not None and getattr(lm, "name_or_path", None):
+        return Path(str(lm.name_or_path)).name
+    return type(engine).__name__
 
 
 def question_text(prompt: str | Conversation) -> str:
@@ -43,27 +59,39 @@ def question_text(prompt: str | Conversation) -> str:
 class GenRM(Reward):
     """An LLM judge as a TRL reward function.
 
-    Engines (one of them):
+    The judge runs where ``engine`` says:
 
-    * a server: ``GenRM("Qwen/Qwen2.5-72B-Instruct", base_url="http://host:8000/v1")`` — ``model`` is the served
-      model's name; ``base_url`` may be a list of replicas;
-    * local: ``GenRM(model_or_path, tokenizer)`` — generation with transformers in this process;
-    * any object with ``generate_chat(conversations) -> list[str | None]`` as ``generator=`` (e.g. a scripted
-      judge in tests).
+    * ``"hf"`` (default): generation with transformers in this process; ``model`` is a directory, a hub id or a
+      loaded causal LM;
+    * ``"vllm"``: generation with an in-process ``vllm.LLM`` (``model`` a directory or hub id), from the same token
+      ids as ``"hf"``, so greedy verdicts are the same;
+    * ``"openai"``: an OpenAI-compatible chat server (``vllm serve``, SGLang, …); ``model`` is its base URL or a
+      list of replicas' URLs, ``served_model`` the name it serves the judge under (default: its only model);
+    * an engine object: a :class:`~rh_trl.engines.generation.TokenGenerator` (``HFGenerator``,
+      :class:`~rh_trl.engines.vllm_generation.VLLMGenerator`) or a ``ChatClient`` shared by several judges, or
+      any object with ``generate_chat(conversations) -> list[str | None]`` (e.g. a scripted judge in tests).
 
     Args:
         template: a built-in template name (``"reward"``, ``"rating"``, ``"reward_reference"``,
-            ``"rating_reference"``, ``"pairwise"``; see :mod:`rh_trl.rewards.genrm_templates`) or a
-            :class:`JudgeTemplate`.
+            ``"rating_reference"``, ``"pairwise"``, ``"listwise"``; see :mod:`rh_trl.rewards.genrm_templates`) or
+            a :class:`JudgeTemplate`. A pairwise template compares each completion with the others of its prompt
+            (in both orders); a listwise template shows the judge a prompt's whole group at once and reads one
+            score per completion. Both see the whole group, on several processes too.
         normalize: divide built-in 1-to-10 ratings by 10.
-        group_size, reference_column: for the pairwise template, who is compared with whom (as in
-            :class:`~rh_trl.rewards.pairwise.PairwisePM`).
-        max_new_tokens, temperature: sampling of the judge (greedy when ``temperature == 0``).
-        api_key, max_concurrency, retry, extra_body, transport: the server client's settings
+        group_size, reference_column: for the pairwise and listwise templates, who is compared with whom (as in
+            :class:`~rh_trl.rewards.pairwise.PairwisePM`; listwise ignores references).
+        max_new_tokens, temperature, top_p: sampling of the judge (greedy when ``temperature == 0``).
+        seed: with sampling on ``"vllm"``, each judge prompt's sample is reproducible.
+        served_model, api_key, max_concurrency, retry, extra_body, transport: the ``"openai"`` engine
             (:class:`~rh_trl.engines.generation.ChatClient`).
-        batch_size, chat_template_kwargs, device, dtype: the local engine's settings.
+        batch_size, device, dtype: the ``"hf"`` engine's settings (``dtype`` also for ``"vllm"``).
+        chat_template_kwargs: passed to the judge's chat template (``"openai"``: sent as vLLM's
+            ``chat_template_kwargs``).
+        vllm_kwargs: passed to ``vllm.LLM`` with ``engine="vllm"``.
         name: metric name (default ``genrm_<model>``, made unique).
         strict: raise on a malformed sample instead of giving it ``None``.
+        base_url, generator: the former spellings of ``engine="openai"`` (with ``model`` the served name) and of an
+            engine object; deprecated.
     """
 
     def __init__(
@@ -71,8 +99,7 @@ class GenRM(Reward):
         model: Any = None,
         tokenizer: Any = None,
         *,
-        base_url: str | Sequence[str] | None = None,
-        generator: Any = None,
+        engine: str | Any = "hf",
         template: str | JudgeTemplate = "reward",
         normalize: bool = True,
         name: str | None = None,
@@ -80,6 +107,9 @@ class GenRM(Reward):
         reference_column: str | None = "reference",
         max_new_tokens: int = 512,
         temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        served_model: str | None = None,
         api_key: str | None = None,
         max_concurrency: int = 32,
         retry: RetryPolicy | None = None,
@@ -89,60 +119,94 @@ class GenRM(Reward):
         chat_template_kwargs: dict[str, Any] | None = None,
         device: str | torch.device | None = None,
         dtype: str | torch.dtype | None = "auto",
+        vllm_kwargs: dict[str, Any] | None = None,
         progress: bool = False,
         strict: bool = False,
+        base_url: str | Sequence[str] | None = None,
+        generator: Any = None,
     ) -> None:
         self.template = builtin_template(template, normalize) if isinstance(template, str) else template
         self.columns = [f for f in self.template.fields() if f not in BUILTIN_FIELDS]
-        needed = {"response_a", "response_b"} if self.template.pairwise else {"response"}
+        needed = self.template.needed_fields()
         missing = needed - set(self.template.fields())
         if missing:
             raise ValueError(
-                f"the judge template never shows {sorted(missing)}; a "
-                f"{'pairwise' if self.template.pairwise else 'pointwise'} template needs {sorted(needed)}"
+                f"the judge template never shows {sorted(missing)}; a {self.template.kind} template needs "
+                f"{sorted(needed)}"
             )
         self.group_size = group_size
         self.reference_column = reference_column
         self.chat_template_kwargs = dict(chat_template_kwargs or {})
-        self.client: ChatClient | None = None
-        self.generator: Any = generator
         if base_url is not None:
-            if not isinstance(model, str):
-                raise ValueError("with base_url=…, model must be the served model's name (a string)")
+            deprecated("GenRM(model, base_url=URL)", "GenRM(URL, engine='openai', served_model=model)")
+            model, served_model, engine = base_url, served_model or model, "openai"
+        if generator is not None:
+            deprecated("GenRM(generator=…)", "GenRM(engine=…)")
+            engine = generator
+        self.client: ChatClient | None = None
+        self.generator: Any = None
+        if isinstance(engine, ChatClient):
+            self.client = engine
+        elif not isinstance(engine, str):
+            if not callable(getattr(engine, "generate_chat", None)):
+                raise TypeError(
+                    "engine= takes 'hf', 'vllm', 'openai' or an engine object with generate_chat(conversations); "
+                    f"got a {type(engine).__name__}"
+                )
+            self.generator = engine
+        elif engine_kind(engine) == "openai":
+            if model is None:
+                raise ValueError("engine='openai' needs the judge server's URL as model (or a list of URLs)")
+            if self.chat_template_kwargs:
+                extra_body = {"chat_template_kwargs": self.chat_template_kwargs, **(extra_body or {})}
             self.client = ChatClient(
-                base_url,
                 model,
+                served_model,
                 api_key=api_key,
                 max_tokens=max_new_tokens,
                 temperature=temperature,
+                top_p=top_p if temperature > 0 else None,
                 extra_body=extra_body,
                 max_concurrency=max_concurrency,
                 retry=retry,
                 transport=transport,
             )
-            label = model
-        elif generator is None:
-            if model is None:
-                raise ValueError(
-                    "GenRM needs a judge: model=… (local), model=… with base_url=…, or generator=…"
-                )
-            from transformers import AutoModelForCausalLM
+        elif model is None:
+            raise ValueError(
+                "GenRM needs a judge: model=… (a path or hub id, or a server URL with engine='openai')"
+            )
+        elif engine == "vllm":
+            from rh_trl.engines.vllm_generation import VLLMGenerator
 
-            lm = load_model(model, AutoModelForCausalLM, dtype=dtype, device=device)
-            tok = load_tokenizer(tokenizer, lm)
-            self.generator = HFGenerator(
-                lm,
-                tok,
+            self.generator = VLLMGenerator(
+                model,
+                load_tokenizer(tokenizer if tokenizer is not None else model, None),
                 max_new_tokens=max_new_tokens,
                 do_sample=temperature > 0,
                 temperature=temperature if temperature > 0 else 1.0,
+                top_p=top_p,
+                seed=seed,
+                dtype=dtype,
+                **(vllm_kwargs or {}),
+            )
+        else:
+            from transformers import AutoModelForCausalLM
+
+            lm = load_model(model, AutoModelForCausalLM, dtype=dtype, device=device)
+            self.generator = HFGenerator(
+                lm,
+                load_tokenizer(tokenizer, lm),
+                max_new_tokens=max_new_tokens,
+                do_sample=temperature > 0,
+                temperature=temperature if temperature > 0 else 1.0,
+                top_p=top_p,
                 batch_size=batch_size,
                 progress=progress,
             )
-            label = str(getattr(lm, "name_or_path", "") or "model")
-        else:
-            label = type(generator).__name__
-        super().__init__(name=name, default_name=f"genrm_{Path(label).name}", strict=strict)
+        self.engine = self.client or self.generator
+        super().__init__(
+            name=name, default_name=f"genrm_{_judge_label(self.engine, model, served_model)}", strict=strict
+        )
 
     # -- prompts --------------------------------------------------------------------------------------------------
 
@@ -175,10 +239,12 @@ class GenRM(Reward):
 
     # -- the judge ------------------------------------------------------------------------------------------------
 
-    def judge(self, conversations: Sequence[Conversation]) -> tuple[list[str | None], int]:
-        """The judge's answers (``None`` where the request failed for good) and the number of failures."""
+    def judge(self, conversations: Sequence[Conversation]) -> tuple[list[str | None], dict[str, int]]:
+        """The judge's answers (``None`` where a request failed for good, or a prompt left the engine no room to
+        answer) and how many were lost each way (``server_failed``, ``too_long``)."""
+        lost = {"server_failed": 0, "too_long": 0}
         if not conversations:
-            return [], 0
+            return [], lost
         if self.client is not None:
             results: list[ChatResult] = run_sync(self.client.complete_many(list(conversations)))
             failed = [r for r in results if r.text is None]
@@ -190,16 +256,23 @@ class GenRM(Reward):
                     len(results),
                     failed[0].error,
                 )
-            return [r.text for r in results], len(failed)
-        if isinstance(self.generator, HFGenerator):
+            return [r.text for r in results], {**lost, "server_failed": len(failed)}
+        if isinstance(self.generator, TokenGenerator):
             outputs = self.generator.generate_chat(conversations, **self.chat_template_kwargs)
-            return [g.text for g in outputs], 0
+            too_long = sum(g.reason == "too_long" for g in outputs)
+            if too_long:
+                logger.warning(
+                    "%s: %d judge prompt(s) leave the engine no room to answer (max_model_len); they give no reward",
+                    self.__name__,
+                    too_long,
+                )
+            return [None if g.reason else g.text for g in outputs], {**lost, "too_long": too_long}
         texts = list(self.generator.generate_chat(list(conversations)))
         if len(texts) != len(conversations):
             raise RuntimeError(
                 f"{self.__name__}: the generator returned {len(texts)} answers for {len(conversations)} prompts"
             )
-        return texts, sum(t is None for t in texts)
+        return texts, {**lost, "server_failed": sum(t is None for t in texts)}
 
     def _parse(self, texts: list[str | None]) -> tuple[list[float | None], int]:
         values = [self.template.parser.parse(t) for t in texts]
@@ -218,21 +291,25 @@ class GenRM(Reward):
     # -- the reward -----------------------------------------------------------------------------------------------
 
     def rank_settings(self) -> Any:
-        return ("groups", self.group_size, self.reference_column) if self.template.pairwise else None
+        if self.template.pairwise:
+            return ("groups", self.group_size, self.reference_column)
+        return ("groups", self.group_size) if self.template.listwise else None
 
     def compute(self, batch: Batch) -> RewardOutput:
         if self.template.pairwise:
             return self._compute_pairwise(batch)
+        if self.template.listwise:
+            return self._compute_listwise(batch)
         todo = [i for i, s in enumerate(batch.samples) if s is not None]
         conversations = [self.pointwise_messages(batch, i) for i in todo]
-        texts, failed = self.judge(conversations)
+        texts, lost = self.judge(conversations)
         values, unparsed = self._parse(texts)
         rewards: list[float | None] = [None] * len(batch)
         judgements: list[str | None] = [None] * len(batch)
         for i, value, text in zip(todo, values, texts, strict=True):
             rewards[i] = value
             judgements[i] = text
-        counts = {"unparsed": unparsed, "server_failed": failed}
+        counts = {"unparsed": unparsed, **lost}
         return RewardOutput(rewards, counts, {"judgement": judgements})
 
     def _compute_pairwise(self, batch: Batch) -> RewardOutput:
@@ -251,7 +328,7 @@ class GenRM(Reward):
             )  # type: ignore[union-attr]
             for i, j in pairs
         ]
-        texts, failed = self.judge(conversations)
+        texts, lost = self.judge(conversations)
         verdicts, unparsed = self._parse(texts)
         as_a = groups.merge("verdicts", dict(zip(pairs, verdicts, strict=True)))
         prob = {(i, j): _both_orders(as_a[(i, j)], as_a.get((j, i))) for i, j in pairs}
@@ -261,11 +338,55 @@ class GenRM(Reward):
         rewards, alone = group_win_rates(groups, prob)
         counts = {
             "unparsed": unparsed,
-            "server_failed": failed,
+            **lost,
             "comparisons": len(conversations),
             "no_opponent": alone,
         }
         return RewardOutput(rewards, counts, {"judgement": [judgements.get(i) for i in groups.local]})
+
+    def _compute_listwise(self, batch: Batch) -> RewardOutput:
+        """One judge call per group, showing all its completions; each gets its own score from the answer.
+
+        On several processes the process that holds a group's first completion asks the judge, and shares the
+        scores with the processes that hold the rest of the group.
+        """
+        try:
+            groups = call_groups(batch.samples, batch.ranks, self.group_size)
+        except RewardInputError as err:
+            raise RewardInputError(f"{self.__name__}: {err}") from None
+        local = dict(zip(groups.local, range(len(batch)), strict=True))
+        led = [g for g in groups.groups if g[0] in local]
+        conversations = []
+        for members in led:
+            responses = [groups.samples[i].response_text for i in members]  # type: ignore[union-attr]
+            values = {
+                "question": question_text(groups.samples[members[0]].prompt),  # type: ignore[union-attr]
+                "responses": number_responses(responses),
+                "count": str(len(members)),
+            }
+            values.update(self._column_values(batch, local[members[0]]))
+            conversations.append(self.template.messages(values))
+        texts, lost = self.judge(conversations)
+        found: dict[int, tuple[float | None, str | None]] = {}
+        unparsed = 0
+        for members, text in zip(led, texts, strict=True):
+            scores = self.template.parser.parse(text, len(members))  # type: ignore[call-arg]
+            if scores is None and text is not None:
+                unparsed += 1
+            for k, i in enumerate(members):
+                found[i] = (None if scores is None else scores[k], text)
+        if unparsed:
+            logger.warning(
+                "%s: %d listwise judge answer(s) hold no readable 'Scores: [...]' with one score per response; "
+                "their completions get no reward",
+                self.__name__,
+                unparsed,
+            )
+        found = groups.merge("listwise", found)
+        rewards = [found.get(i, (None, None))[0] for i in groups.local]
+        judgements = [found.get(i, (None, None))[1] for i in groups.local]
+        counts = {"unparsed": unparsed, **lost, "judge_calls": len(conversations)}
+        return RewardOutput(rewards, counts, {"judgement": judgements})
 
     def _against_references(self, batch: Batch, references: list[Any]) -> RewardOutput:
         """Each completion judged against its own reference, in both orders."""
@@ -277,14 +398,14 @@ class GenRM(Reward):
             ref = to_sample(sample.prompt, references[i]).response_text
             conversations.append(self.pairwise_messages(batch, i, sample.response_text, ref))
             conversations.append(self.pairwise_messages(batch, i, ref, sample.response_text))
-        texts, failed = self.judge(conversations)
+        texts, lost = self.judge(conversations)
         verdicts, unparsed = self._parse(texts)
         rewards: list[float | None] = [None] * len(batch)
         judgements: list[str | None] = [None] * len(batch)
         for k, i in enumerate(todo):
             rewards[i] = _both_orders(verdicts[2 * k], verdicts[2 * k + 1])
             judgements[i] = texts[2 * k]
-        counts = {"unparsed": unparsed, "server_failed": failed, "comparisons": len(conversations)}
+        counts = {"unparsed": unparsed, **lost, "comparisons": len(conversations)}
         return RewardOutput(rewards, counts, {"judgement": judgements})
 
 

@@ -3,7 +3,8 @@
 A :class:`JudgeTemplate` is a system prompt, a user prompt with ``str.format`` fields, and a parser that reads
 the verdict from the judge's answer. Fields: ``{question}`` (the prompt; a multi-turn prompt is flattened to
 ``"User: …\\n\\nAssistant: …"``), ``{response}`` (pointwise), ``{response_a}``/``{response_b}`` (pairwise),
-and any dataset column by its name (e.g. ``{reference}``).
+``{responses}`` and ``{count}`` (listwise: the group's responses, numbered, and how many there are), and any
+dataset column by its name (e.g. ``{reference}``).
 
 Parsing is strict where it matters: the last match in the answer wins (judges restate the format before giving
 their verdict), a value outside the scale gives ``None``, and an answer with no verdict gives ``None`` — never
@@ -72,13 +73,65 @@ class VerdictParser:
 
 
 @dataclass(frozen=True)
+class ListParser:
+    """Reads one score per response from a listwise verdict: the last ``Scores: [s1, s2, …]`` in the answer.
+
+    A list with another number of scores than responses, or a score outside ``[low, high]``, gives ``None``;
+    ``scale_to_unit`` maps the scores to [0, 1].
+    """
+
+    low: float = 0.0
+    high: float = 10.0
+    scale_to_unit: bool = True
+    pattern: str = r"scores\s*[:=]\s*\[([^\[\]]*)\]"
+
+    def parse(self, text: str | None, count: int) -> list[float] | None:
+        if not text:
+            return None
+        found = re.findall(self.pattern, text, flags=re.IGNORECASE)
+        if not found:
+            return None
+        values = re.findall(NUMBER, found[-1])
+        if len(values) != count:
+            return None
+        scores = [float(v) for v in values]
+        if not all(self.low <= v <= self.high for v in scores):
+            return None
+        if self.scale_to_unit:
+            return [(v - self.low) / (self.high - self.low) for v in scores]
+        return scores
+
+
+@dataclass(frozen=True)
 class JudgeTemplate:
-    """A judge prompt: ``system`` and ``user`` texts (``str.format`` fields) and the parser of the verdict."""
+    """A judge prompt: ``system`` and ``user`` texts (``str.format`` fields) and the parser of the verdict.
+
+    ``pairwise``: the template compares two responses (``{response_a}``, ``{response_b}``; a :class:`VerdictParser`);
+    ``listwise``: it shows a prompt's whole group (``{responses}``; a :class:`ListParser`); else it scores one
+    ``{response}``.
+    """
 
     user: str
-    parser: ScoreParser | VerdictParser
+    parser: ScoreParser | VerdictParser | ListParser
     system: str | None = None
     pairwise: bool = False
+    listwise: bool = False
+
+    def __post_init__(self) -> None:
+        if self.pairwise and self.listwise:
+            raise ValueError("a judge template is pairwise or listwise, not both")
+        if self.listwise != isinstance(self.parser, ListParser):
+            raise ValueError("a listwise template reads its verdict with a ListParser (and only it does)")
+
+    @property
+    def kind(self) -> str:
+        return "pairwise" if self.pairwise else "listwise" if self.listwise else "pointwise"
+
+    def needed_fields(self) -> set[str]:
+        """The fields the template must show for its kind."""
+        return {"pairwise": {"response_a", "response_b"}, "listwise": {"responses"}}.get(
+            self.kind, {"response"}
+        )
 
     def fields(self) -> list[str]:
         """The names of the fields the template fills in."""
@@ -134,6 +187,24 @@ PAIRWISE_USER = (
     "[The Start of Response B]\n{response_b}\n[The End of Response B]"
 )
 
+LISTWISE_SYSTEM = (
+    "You are an impartial judge. Below are {count} responses to the same user question, numbered from 1. Score "
+    "each one from 0 to 10 for how well it answers the question, considering correctness, helpfulness, clarity and "
+    "safety. Compare the responses with each other: a better response gets a higher score. Their order and length "
+    "must not influence you. Explain your reasoning briefly, then end with one line of exactly this form, one "
+    "score per response in their order: 'Scores: [s1, s2, ...]'."
+)
+LISTWISE_USER = "[Question]\n{question}\n\n{responses}"
+
+
+def number_responses(responses: list[str]) -> str:
+    """The ``{responses}`` field of a listwise template: each response between numbered markers."""
+    return "\n\n".join(
+        f"[The Start of Response {k}]\n{text}\n[The End of Response {k}]"
+        for k, text in enumerate(responses, 1)
+    )
+
+
 #: "Reward: x" with x in [0, 1]
 REWARD_PARSER = ScoreParser((rf"reward\s*[:=]\s*\**\s*({NUMBER})",), 0.0, 1.0)
 #: "Rating: [[x]]" (or "[[x]]", or "Rating: x") out of 10
@@ -162,6 +233,9 @@ def builtin_template(name: str, normalize: bool = True) -> JudgeTemplate:
             RATING_REFERENCE_USER, rating_parser(normalize), RATING_SYSTEM
         ),
         "pairwise": lambda: JudgeTemplate(PAIRWISE_USER, VerdictParser(), PAIRWISE_SYSTEM, pairwise=True),
+        "listwise": lambda: JudgeTemplate(
+            LISTWISE_USER, ListParser(scale_to_unit=normalize), LISTWISE_SYSTEM, listwise=True
+        ),
     }
     if name not in templates:
         raise ValueError(f"unknown judge template '{name}'; built-in templates: {sorted(templates)}")

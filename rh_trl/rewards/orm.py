@@ -10,6 +10,7 @@ from typing import Any, Literal
 
 import torch
 
+from rh_trl.engines.batching import reason_counts
 from rh_trl.engines.hf import HFEngine
 from rh_trl.engines.http import RetryPolicy, run_sync
 from rh_trl.engines.vllm_pooling import build_pooling_engine, engine_argument
@@ -17,7 +18,7 @@ from rh_trl.engines.zero3 import check_zero3
 from rh_trl.formatting import ChatFormatter, Encoded, encode_samples, encoding_counts
 from rh_trl.loading import config_dict, load_model, load_tokenizer, padding_id
 from rh_trl.rewards.adapters import DEFAULT_ADAPTER, ORMAdapter, adapter_for, get_orm_adapter
-from rh_trl.rewards.base import Batch, Reward, RewardOutput, log_encoding, reason_counts
+from rh_trl.rewards.base import Batch, Reward, RewardOutput, log_encoding
 
 logger = logging.getLogger("rh_trl")
 
@@ -131,8 +132,10 @@ class ORM(Reward):
         )
         if engine != "hf" and self.adapter is not DEFAULT_ADAPTER:
             raise ValueError(
-                f"the ORM adapter '{self.adapter.name}' runs custom model code, so it runs on engine='hf' only; "
-                f"engine={engine!r} serves sequence-classification heads"
+                f"the ORM adapter '{self.adapter.name}' runs the checkpoint's own model code (its reward head is not "
+                "a sequence-classification layer), which vLLM's model registry does not have, so it runs on "
+                f"engine='hf' only; engine={engine!r} serves sequence-classification heads (host this model with "
+                "`rh-trl serve` to score it from another machine)"
             )
         self.model: Any = None
         if engine == "hf":

@@ -37,7 +37,12 @@ from typing import Any, Literal
 
 import torch
 
+from rh_trl.engines.batching import reason_counts
+from rh_trl.engines.chosen_logits import ChosenLogits
 from rh_trl.engines.hf import HFEngine
+from rh_trl.engines.http import RetryPolicy, run_sync
+from rh_trl.engines.vllm_pooling import build_pooling_engine, engine_argument
+from rh_trl.engines.zero3 import check_zero3
 from rh_trl.formatting import RewardInputError, message_text, to_sample
 from rh_trl.grouping import CallGroups, call_groups
 from rh_trl.loading import load_model, load_tokenizer, padding_id
@@ -312,7 +317,18 @@ class PairwisePM(Reward):
             for ``RLHFlow/pair-preference-model-*``), else ``"rh_trl"``.
         strip_bos: remove the BOS text as the layout says; ``False`` keeps it.
         chat_template: a Jinja template to use instead of the tokenizer's.
-        max_length: a comparison longer than this many tokens gets no probability (counted as ``too_long``).
+        max_length: a comparison longer than this many tokens gets no probability (counted as ``too_long``);
+            so does one longer than the engine takes.
+        engine: ``"hf"`` (transformers in this process), ``"vllm"`` (an in-process ``vllm.LLM`` gives the final
+            hidden state at the last token, and the ``A``/``B`` rows of the output projection, read from the
+            checkpoint, give the two logits: :class:`~rh_trl.engines.chosen_logits.ChosenLogits`), ``"openai"``
+            (the same hidden state from ``vllm serve DIR --runner pooling --convert embed``; ``model`` is the
+            server's URL or replicas' URLs, and ``tokenizer`` the checkpoint's directory, whose output rows are
+            read), or an already-built ``VLLMPoolingEngine(path, task="embed")`` to share. The same numbers from
+            each.
+        served_model, api_key, batch_size, max_concurrency, retry, transport: the ``"openai"`` engine (see
+            :class:`~rh_trl.engines.vllm_pooling.VLLMPoolingClient`).
+        vllm_kwargs: passed to ``vllm.LLM`` with ``engine="vllm"``.
         max_tokens_per_batch, max_batch_size, device, device_map, dtype, progress, zero3: see
             :class:`~rh_trl.ORM`.
         strict: raise on a malformed sample instead of giving it ``None``.
@@ -323,6 +339,7 @@ class PairwisePM(Reward):
         model: Any,
         tokenizer: Any = None,
         *,
+        engine: str | Any = "hf",
         name: str | None = None,
         group_size: int | None = None,
         reference_column: str | None = "reference",
@@ -337,12 +354,21 @@ class PairwisePM(Reward):
         device_map: Any = None,
         dtype: str | torch.dtype | None = "auto",
         zero3: bool = False,
+        served_model: str | None = None,
+        api_key: str | None = None,
+        batch_size: int = 32,
+        max_concurrency: int = 8,
+        retry: RetryPolicy | None = None,
+        transport: Any = None,
+        vllm_kwargs: dict[str, Any] | None = None,
         trust_remote_code: bool = False,
         progress: bool = False,
         strict: bool = False,
     ) -> None:
         from transformers import AutoModelForCausalLM
 
+        kind, shared = engine_argument(engine, "embed", pooling="last")
+        check_zero3(zero3, kind)
         if group_size is not None and group_size < 2:
             raise ValueError(
                 f"group_size must be at least 2 (a completion needs an opponent), got {group_size}"
@@ -351,20 +377,32 @@ class PairwisePM(Reward):
             raise ValueError(f"temperature must be positive, got {temperature}")
         if layout is not None:
             get_layout(layout)  # an unknown name fails before the weights load
-        self.model = load_model(
-            model,
-            AutoModelForCausalLM,
-            dtype=dtype,
-            device=device,
-            device_map=device_map,
-            trust_remote_code=trust_remote_code,
-            zero3=zero3,
-        )
-        self.tokenizer = load_tokenizer(tokenizer, self.model, trust_remote_code=trust_remote_code)
-        self.layout = get_layout(
-            layout or registered_layout(getattr(self.model, "name_or_path", None)) or "rh_trl"
-        )
-        model_name = Path(str(getattr(self.model, "name_or_path", "") or "model")).name
+        self.engine_kind = kind
+        self.model: Any = None
+        if kind == "hf":
+            self.model = load_model(
+                model,
+                AutoModelForCausalLM,
+                dtype=dtype,
+                device=device,
+                device_map=device_map,
+                trust_remote_code=trust_remote_code,
+                zero3=zero3,
+            )
+            self.tokenizer = load_tokenizer(tokenizer, self.model, trust_remote_code=trust_remote_code)
+            source: Any = getattr(self.model, "name_or_path", None)
+        else:
+            if kind == "openai" and not isinstance(tokenizer, str | os.PathLike):
+                raise ValueError(
+                    "engine='openai' needs tokenizer= (the checkpoint's directory or hub id): tokenization is done "
+                    "here, and the A/B rows of the output projection are read from the checkpoint"
+                )
+            source = os.fspath(model if kind == "vllm" else tokenizer)
+            self.tokenizer = load_tokenizer(
+                source if tokenizer is None else tokenizer, None, trust_remote_code=trust_remote_code
+            )
+        self.layout = get_layout(layout or registered_layout(source) or "rh_trl")
+        model_name = Path(str(source or "model")).name
         super().__init__(name=name, default_name=f"pairpm_{model_name}", strict=strict)
         self.template = chat_template or getattr(self.tokenizer, "chat_template", None)
         if not self.template:
@@ -378,14 +416,33 @@ class PairwisePM(Reward):
         self.temperature = temperature
         self.strip_bos = strip_bos
         self.max_length = max_length
-        self.engine = HFEngine(
-            _ChoiceLogits(self.model, self.token_ids),
-            padding_id(self.tokenizer),
-            max_tokens_per_batch,
-            max_batch_size,
-            progress=progress,
-            sharded=zero3,
-        )
+        if kind == "hf":
+            self.engine: Any = HFEngine(
+                _ChoiceLogits(self.model, self.token_ids),
+                padding_id(self.tokenizer),
+                max_tokens_per_batch,
+                max_batch_size,
+                progress=progress,
+                sharded=zero3,
+            )
+        else:
+            self.engine = build_pooling_engine(
+                kind,
+                model,
+                "embed",
+                shared=shared,
+                dtype=dtype,
+                trust_remote_code=trust_remote_code,
+                vllm_kwargs=vllm_kwargs,
+                pooling="last",
+                model=served_model,
+                api_key=api_key,
+                batch_size=batch_size,
+                max_concurrency=max_concurrency,
+                retry=retry,
+                transport=transport,
+            )
+            self.chosen = ChosenLogits.from_checkpoint(source, self.token_ids, trust_remote_code)
 
     # -- rendering ------------------------------------------------------------------------------------------------
 
@@ -414,6 +471,8 @@ class PairwisePM(Reward):
     ) -> tuple[list[float | None], dict[str, int]]:
         """P(first response better) for each ``(prompt, a, b)`` in that one order (no averaging)."""
         counts = {"too_long": 0, "render_failed": 0}
+        if self.engine_kind == "openai":
+            counts.update(server_failed=0, server_rejected=0)
         seqs: list[list[int]] = []
         todo: list[int] = []
         for k, (p, a, b) in enumerate(triples):
@@ -432,10 +491,13 @@ class PairwisePM(Reward):
                 continue
             seqs.append(ids)
             todo.append(k)
-        rows = self.engine.run(seqs, _read_choices)
+        rows, reasons = self.choice_logits(seqs)
+        for key, n in reason_counts(reasons).items():
+            counts[key] = counts.get(key, 0) + n
         probs: list[float | None] = [None] * len(triples)
         for k, row in zip(todo, rows, strict=True):
-            probs[k] = float(torch.softmax(row.double() / self.temperature, dim=-1)[0])
+            if row is not None:
+                probs[k] = float(torch.softmax(row.double() / self.temperature, dim=-1)[0])
         if counts["too_long"]:
             logger.warning(
                 "%s: %d comparison(s) are longer than max_length=%d tokens and get no probability",
@@ -444,6 +506,18 @@ class PairwisePM(Reward):
                 self.max_length,
             )
         return probs, counts
+
+    def choice_logits(self, seqs: list[list[int]]) -> tuple[list[torch.Tensor | None], list[str | None]]:
+        """The ``A`` and ``B`` logits at the end of each sequence (``None`` and a reason where an engine gave none)."""
+        if self.engine_kind == "hf":
+            return self.engine.run(seqs, _read_choices), [None] * len(seqs)
+        if not seqs:
+            return [], []
+        if self.engine_kind == "openai":
+            hidden, reasons = run_sync(self.engine.run(seqs))
+        else:
+            hidden, reasons = self.engine.run(seqs)
+        return [None if h is None else self.chosen(h) for h in hidden], reasons
 
     def compare_many(
         self, prompts: Sequence[Any], responses_a: Sequence[Any], responses_b: Sequence[Any]

@@ -23,13 +23,15 @@ from typing import Any
 
 import torch
 
+from rh_trl.engines.batching import reason_counts
+from rh_trl.engines.chosen_logits import ChosenLogits
 from rh_trl.engines.hf import HFEngine
-from rh_trl.engines.http import RetryPolicy, run_sync
+from rh_trl.engines.http import MalformedResponse, RetryPolicy, run_sync
 from rh_trl.engines.vllm_pooling import build_pooling_engine, engine_argument, rows_at_steps
 from rh_trl.engines.zero3 import check_zero3
 from rh_trl.formatting import RewardInputError
 from rh_trl.loading import config_dict, load_model, load_tokenizer, padding_id
-from rh_trl.rewards.base import Batch, Reward, RewardOutput, reason_counts
+from rh_trl.rewards.base import Batch, Reward, RewardOutput
 from rh_trl.rewards.prm_layout import (
     KINDS,
     Kind,
@@ -138,10 +140,14 @@ class PRM(Reward):
         max_length: longest input; longer samples lose prompt tokens from the left (counted as ``num_truncated``);
             a sample whose steps alone do not fit gets ``None`` (``num_too_long``) — steps are never cut. Default:
             the longest the engine takes (position embeddings; vLLM's ``max_model_len``).
-        engine: ``"hf"`` (local transformers); for ``separator`` PRMs also ``"vllm"`` (in-process vLLM pooling
-            runner, any separator token; or an already-built ``VLLMPoolingEngine`` to share) and ``"openai"``
-            (``vllm serve --runner pooling`` servers, ``model`` being their URL(s); see
-            :mod:`rh_trl.engines.vllm_pooling`). The same numbers from each.
+        engine: ``"hf"`` (local transformers), ``"vllm"`` (an in-process vLLM pooling runner, or an already-built
+            ``VLLMPoolingEngine`` to share) or ``"openai"`` (``vllm serve --runner pooling`` servers, ``model``
+            being their URL(s)); see :mod:`rh_trl.engines.vllm_pooling`. A ``separator`` PRM reads its
+            token-classification head at every token (``token_classify``, any separator token); the
+            ``next_token`` and ``step_tag`` kinds read the final hidden state at every token (``token_embed``;
+            serve with ``--convert embed --pooler-config '{"task": "token_embed", "tok_pooling_type": "ALL"}'``)
+            and apply the judgement tokens' rows of the output projection, read from the checkpoint (``model``
+            on ``"vllm"``, ``tokenizer`` as a directory or hub id on ``"openai"``). The same numbers from each.
         vllm_kwargs: passed to ``vllm.LLM`` with ``engine="vllm"``.
         served_model, api_key, batch_size, max_concurrency, retry, transport: the ``"openai"`` engine (see
             :class:`~rh_trl.engines.vllm_pooling.VLLMPoolingClient`).
@@ -195,11 +201,10 @@ class PRM(Reward):
         if max_length is not None and max_length < 2:
             raise ValueError(f"max_length must be at least 2 tokens, got {max_length}")
         self.max_length = max_length
-        engine, shared = engine_argument(engine, "token_classify")
+        task = "token_classify" if kind == "separator" else "token_embed"
+        engine, shared = engine_argument(engine, task)
         check_zero3(zero3, engine)
         self.zero3 = zero3
-        if engine != "hf" and kind != "separator":
-            raise ValueError(f"engine={engine!r} serves kind='separator' PRMs only, not kind={kind!r}")
         self.engine_kind = engine
 
         self.model = None
@@ -212,11 +217,17 @@ class PRM(Reward):
                 "engine='openai' needs tokenizer= (an object or a path): tokenization is done here and the "
                 "server is sent token ids"
             )
+        if engine == "openai" and kind != "separator" and not isinstance(tokenizer, str | os.PathLike):
+            raise ValueError(
+                f"engine='openai' with kind={kind!r} needs tokenizer= as the checkpoint's directory or hub id: the "
+                "server sends hidden states, and the judgement tokens' rows of the output projection are read from "
+                "the checkpoint"
+            )
         if engine != "hf":
             self.engine: Any = build_pooling_engine(
                 engine,
                 model,
-                "token_classify",
+                task,
                 shared=shared,
                 dtype=dtype,
                 trust_remote_code=remote,
@@ -258,6 +269,9 @@ class PRM(Reward):
                 single_token_id(self.tokenizer, good_token, "good-step token"),
                 single_token_id(self.tokenizer, bad_token, "bad-step token"),
             ]
+            if engine != "hf":  # the engine gives hidden states; these rows turn them into the two logits
+                rows_from = model if engine == "vllm" else tokenizer
+                self.chosen = ChosenLogits.from_checkpoint(rows_from, self.judgement_ids, remote)
         if self.model is not None:
             self._build_engine(max_tokens_per_batch, max_batch_size, progress)
             limit = self.engine.max_sequence_length
@@ -396,8 +410,15 @@ class PRM(Reward):
                 continue
             if self.engine_kind == "hf":
                 at_steps = row[seq.positions]
-            else:
+            elif self.kind == "separator":
                 at_steps = rows_at_steps(row, seq.input_ids, seq.positions, self.layout.marker_id, where)
+            else:  # a hidden state per token: the judgement tokens' logits at the step positions
+                if row.dim() != 2 or row.shape[0] != len(seq.input_ids):
+                    raise MalformedResponse(
+                        f"{where} returned hidden states of shape {tuple(row.shape)} for {len(seq.input_ids)} "
+                        "tokens; expected one per token (token_embed with ALL pooling)"
+                    )
+                at_steps = self.chosen(row[seq.positions])
             scores.append([float(p) for p in at_steps.float().softmax(-1)[:, positive]])
         return scores
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -69,12 +70,21 @@ SPLIT = 4
 
 
 class HashJudge:
-    """A deterministic pairwise judge: its verdict is a function of the two responses as shown."""
+    """A deterministic judge. Pairwise: its verdict is a function of the two responses as shown. Listwise: each
+    response's score is a function of that response's text, so that it does not depend on who asks."""
 
     def generate_chat(self, conversations):
         answers = []
         for conversation in conversations:
-            digest = hashlib.sha256(conversation[-1]["content"].encode()).digest()[0]
+            content = conversation[-1]["content"]
+            responses = re.findall(
+                r"\[The Start of Response \d+\]\n(.*?)\n\[The End of Response", content, re.S
+            )
+            if "Response 1]" in content and "Response A]" not in content:
+                scores = [hashlib.sha256(r.encode()).digest()[0] % 11 for r in responses]
+                answers.append(f"Ranked.\nScores: {scores}")
+                continue
+            digest = hashlib.sha256(content.encode()).digest()[0]
             answers.append(f"My verdict: [[{'ABC'[digest % 3]}]]")
         return answers
 
@@ -84,7 +94,8 @@ def build_rewards() -> dict:
     orm = rh_trl.ORM("rh_trl:tiny-rm", name="orm")
     return {
         "pairpm": rh_trl.PairwisePM("rh_trl:tiny-lm-chatml", name="pairpm"),
-        "judge": rh_trl.GenRM(generator=HashJudge(), template="pairwise", name="judge"),
+        "judge": rh_trl.GenRM(engine=HashJudge(), template="pairwise", name="judge"),
+        "listwise": rh_trl.GenRM(engine=HashJudge(), template="listwise", name="listwise"),
         "stats": WithStatistics(orm),
         "normalized": NormalizedReward(rh_trl.ORM("rh_trl:tiny-rm", name="orm_norm"), clip=None),
     }

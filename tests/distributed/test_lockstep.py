@@ -50,7 +50,7 @@ def alone():
 def test_whole_groups_and_statistics_equal_one_process(tmp_path, alone):
     results = launch("groups", tmp_path)
     prompts, completions = worker.whole_call()
-    for name in ("pairpm", "judge", "stats", "normalized"):
+    for name in ("pairpm", "judge", "listwise", "stats", "normalized"):
         joined = [results[0][name]["rewards"][k] + results[1][name]["rewards"][k] for k in range(2)]
         expected = [
             alone[name](prompts=prompts, completions=completions) for _ in range(2)
@@ -80,6 +80,9 @@ def test_whole_groups_and_statistics_equal_one_process(tmp_path, alone):
     assert stats["reward_stats/orm/std"] == pytest.approx(values.std(), abs=1e-6)
     assert stats["reward_stats/orm/p90"] == pytest.approx(np.quantile(values, 0.9), abs=1e-6)
     assert stats["orm/num_none"] == 0 and stats["orm/mean"] == pytest.approx(values.mean(), abs=1e-6)
+    listwise = results[0]["listwise"]["metrics"][0]
+    assert listwise["listwise/num_judge_calls"] == 3  # one call per prompt's whole group, over both processes
+    assert all(r is not None for share in results for r in share["listwise"]["rewards"][0])
     pm = results[0]["pairpm"]["metrics"][0]
     assert pm["pairpm/num_comparisons"] == 3 * (3 * 2)  # every ordered comparison of the call, counted once
     assert pm["pairpm/num_comparisons"] == alone["pairpm"].last_stats["num_comparisons"]

@@ -18,7 +18,7 @@ pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[2]
 #: win probabilities agree to 1e-6; the ORM's logits (around -5) to float32's rounding of other batch shapes
-TOLERANCE = {"pairpm": 1e-6, "judge": 1e-6, "orm": 1e-5}
+TOLERANCE = {"pairpm": 1e-6, "judge": 1e-6, "listwise": 1e-6, "orm": 1e-5}
 
 
 def run_trainer(trainer: str, out: Path) -> tuple[list[list[dict]], dict]:

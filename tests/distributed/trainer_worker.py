@@ -47,7 +47,8 @@ def build_rewards() -> list[Any]:
     return [
         WithStatistics(rh_trl.ORM("rh_trl:tiny-rm", name="orm")),
         rh_trl.PairwisePM("rh_trl:tiny-lm-chatml", name="pairpm"),
-        rh_trl.GenRM(generator=HashJudge(), template="pairwise", name="judge"),
+        rh_trl.GenRM(engine=HashJudge(), template="pairwise", name="judge"),
+        rh_trl.GenRM(engine=HashJudge(), template="listwise", name="listwise"),
     ]
 
 

@@ -59,6 +59,10 @@ def max_diff(a, b) -> float:
     return max(abs(x - y) for x, y in zip(a, b, strict=True) if x is not None)
 
 
+#: the step tag of math-shepherd-style PRMs
+TAG = "ки"
+
+
 @dataclass(frozen=True)
 class Checkpoints:
     orm: Path  # 1 label, EOS doubles as pad, reward_mean/std in its config
@@ -67,6 +71,7 @@ class Checkpoints:
     token_prm: Path  # LlamaForTokenClassification, 2 labels, the same separator
     strong: Path  # causal LM, Llama-style tokenizer and template
     weak: Path  # causal LM, ChatML tokenizer and template
+    lm: Path  # causal LM, Llama-style tokenizer with the step tag: pairwise A/B, next-token and step-tag PRMs
 
 
 def _reward_model(tok, num_labels: int, seed: int):
@@ -115,7 +120,9 @@ def checkpoints(tmp_path_factory) -> Checkpoints:
     root = tmp_path_factory.mktemp("vllm-checkpoints")
     chatml = bpe_tokenizer("chatml", vocab_size=400)
     llama = bpe_tokenizer("llama")
-    paths = Checkpoints(*(root / name for name in ("orm", "orm3", "prm", "token_prm", "strong", "weak")))
+    paths = Checkpoints(
+        *(root / name for name in ("orm", "orm3", "prm", "token_prm", "strong", "weak", "lm"))
+    )
 
     orm = _reward_model(chatml, 1, seed=1)
     orm.config.pad_token_id = (
@@ -146,6 +153,13 @@ def checkpoints(tmp_path_factory) -> Checkpoints:
     llama.save_pretrained(paths.strong)
     tiny_causal_lm(chatml, seed=4, **SHAPE).save_pretrained(paths.weak)
     chatml.save_pretrained(paths.weak)
+    tagged = bpe_tokenizer("llama")
+    tagged.add_tokens([TAG])
+    lm = tiny_causal_lm(tagged, seed=7, **SHAPE)
+    with torch.no_grad():  # a wider output projection, so that A/B and +/- probabilities are far from 1/2
+        lm.lm_head.weight.normal_(0.0, 0.5)
+    lm.save_pretrained(paths.lm)
+    tagged.save_pretrained(paths.lm)
     return paths
 
 
@@ -246,6 +260,9 @@ class DrSowLaunch:
         return self.output
 
     def stop(self) -> None:
+        if self.output is None:  # the script prints the servers' process ids once they answer
+            with contextlib.suppress(BaseException):
+                self.wait()
         if self.process.poll() is None:
             self.process.kill()
         pids = re.search(r"kill (\d+) (\d+)", self.output or "")
@@ -255,38 +272,63 @@ class DrSowLaunch:
 
 
 class Servers:
-    """The session's servers by name; ``servers["orm3"]`` waits until that one answers."""
+    """The session's ``vllm serve`` processes by name: ``servers["orm3"]`` starts that one if it is not running
+    and waits until it answers. :meth:`only` stops the others (the machines have room for a few at a time)."""
 
-    def __init__(self, running: dict[str, VLLMServer], drsow: DrSowLaunch) -> None:
-        self.running = running
-        self.drsow = drsow
+    def __init__(self, checkpoints: Checkpoints, logs: Path) -> None:
+        pooling = ("--runner", "pooling")
+        hidden = (*pooling, "--convert", "embed")
+        self.specs = {
+            "orm3": (checkpoints.orm3, pooling),
+            "prm": (checkpoints.prm, (*pooling, "--pooler-config", json.dumps({"tok_pooling_type": "ALL"}))),
+            # the final hidden state at the last token (pairwise A/B, causal encoders) and at every token (PRMs)
+            "lm-last": (checkpoints.lm, hidden),
+            "lm-tokens": (
+                checkpoints.lm,
+                (*hidden, "--pooler-config", json.dumps({"task": "token_embed", "tok_pooling_type": "ALL"})),
+            ),
+        }
+        self.checkpoints = checkpoints
+        self.logs = logs
+        self.running: dict[str, VLLMServer] = {}
+        self.drsow: DrSowLaunch | None = None
+
+    def start(self, *names: str) -> None:
+        """Start the servers named (those not running yet) without waiting for them."""
+        for name in names:
+            if name in ("strong", "weak"):
+                if self.drsow is None:
+                    self.drsow = DrSowLaunch.start(self.checkpoints.strong, self.checkpoints.weak, self.logs)
+            elif name not in self.running:
+                model, args = self.specs[name]
+                self.running[name] = start_server(name, model, self.logs, *args)
 
     def __getitem__(self, name: str) -> str:
-        if name in self.drsow.urls:
+        self.start(name)
+        if name in ("strong", "weak"):
+            assert self.drsow is not None
             self.drsow.wait()
             return self.drsow.urls[name]
         return self.running[name].wait()
 
+    def only(self, *names: str) -> None:
+        """Stop every server but ``names``, and start those."""
+        for name in [n for n in self.running if n not in names]:
+            self.running.pop(name).stop()
+        if self.drsow is not None and not {"strong", "weak"} & set(names):
+            self.drsow.stop()
+            self.drsow = None
+        self.start(*names)
+
+    def stop_all(self) -> None:
+        self.only()
+
 
 @pytest.fixture(scope="session", autouse=True)
 def servers(checkpoints, tmp_path_factory):
-    logs = tmp_path_factory.mktemp("vllm-serve-logs")
-    running = {
-        "orm3": start_server("orm3", checkpoints.orm3, logs, "--runner", "pooling"),
-        "prm": start_server(
-            "prm",
-            checkpoints.prm,
-            logs,
-            "--runner",
-            "pooling",
-            "--pooler-config",
-            json.dumps({"tok_pooling_type": "ALL"}),
-        ),  # fmt: skip
-    }
-    drsow = DrSowLaunch.start(checkpoints.strong, checkpoints.weak, logs)
+    running = Servers(checkpoints, tmp_path_factory.mktemp("vllm-serve-logs"))
+    running.start("orm3", "prm", "strong")  # they boot while the first in-process tests run
     try:
-        yield Servers(running, drsow)
+        yield running
     finally:
-        for server in running.values():
-            server.stop()
-        drsow.stop()
+        running.stop_all()

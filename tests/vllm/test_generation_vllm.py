@@ -1,5 +1,6 @@
-"""Generation on real ``vllm serve`` (chat completions): GenRM judgements and CLoud critiques from the server equal
-those generated locally with transformers from the same checkpoint (greedy, float32 on both sides)."""
+"""Generation on real vLLM: GenRM judgements and CLoud critiques from an in-process ``vllm.LLM`` and from ``vllm serve``
+(chat completions) equal those generated with transformers from the same checkpoint (greedy, float32 on both
+sides), for every judge template; sampling on vLLM is reproducible with a seed."""
 
 from __future__ import annotations
 
@@ -7,8 +8,13 @@ import pytest
 import torch
 
 from rh_trl import CLoud, CLoudModel, GenRM, JudgeTemplate
+from rh_trl.engines.generation import HFGenerator
 from rh_trl.engines.http import ModelNotServedError
+from rh_trl.engines.vllm_generation import VLLMGenerator
+from rh_trl.loading import load_tokenizer
+from rh_trl.rewards.genrm_templates import ListParser
 from tests.conftest import CONV_COMPLETIONS, CONV_PROMPTS
+from tests.vllm.conftest import ENGINE_KWARGS
 
 pytestmark = pytest.mark.vllm
 
@@ -29,6 +35,18 @@ class WordCount:
 
 
 TEMPLATE = JudgeTemplate(user="Question: {question}\nAnswer: {response}\nScore 0-9:", parser=WordCount())
+#: every kind of judge template: pointwise (built in, and one a random judge "answers"), pairwise, listwise
+TEMPLATES = {
+    "wordcount": TEMPLATE,
+    "rating": "rating",
+    "pairwise": "pairwise",
+    "listwise": "listwise",
+    "listwise_custom": JudgeTemplate(
+        user="Q: {question}\n{responses}\nScores:", parser=ListParser(), listwise=True
+    ),
+}
+GROUP_PROMPTS = [CONV_PROMPTS[0]] * 3 + [CONV_PROMPTS[2]] * 2
+GROUP_COMPLETIONS = [CONV_COMPLETIONS[k % 3] for k in range(5)]
 
 
 def extras(reward, prompts, completions):
@@ -40,7 +58,12 @@ def extras(reward, prompts, completions):
 def test_genrm_on_vllm_serve_equals_local_generation(checkpoints, servers):
     local = GenRM(str(checkpoints.strong), template=TEMPLATE, max_new_tokens=MAX_NEW_TOKENS, name="judge")
     served = GenRM(
-        "strong", base_url=servers["strong"], template=TEMPLATE, max_new_tokens=MAX_NEW_TOKENS, name="judge"
+        servers["strong"],
+        engine="openai",
+        served_model="strong",
+        template=TEMPLATE,
+        max_new_tokens=MAX_NEW_TOKENS,
+        name="judge",
     )
     local_rewards, local_logged = extras(local, CONV_PROMPTS, CONV_COMPLETIONS)
     served_rewards, served_logged = extras(served, CONV_PROMPTS, CONV_COMPLETIONS)
@@ -59,15 +82,18 @@ def test_cloud_critiques_on_vllm_serve_equal_local_ones(tmp_path, checkpoints, s
     CLoudModel.from_causal_lm(AutoModelForCausalLM.from_pretrained(checkpoints.strong)).save_pretrained(
         cloud_dir
     )
+    load_tokenizer(str(checkpoints.strong), None).save_pretrained(
+        cloud_dir
+    )  # a checkpoint holds its tokenizer
     tokenizer = str(checkpoints.strong)
     local = CLoud(str(cloud_dir), tokenizer, max_new_tokens=MAX_NEW_TOKENS, name="cloud")
     served = CLoud(
+        servers["strong"],
         str(cloud_dir),
-        tokenizer,
+        engine="openai",
         max_new_tokens=MAX_NEW_TOKENS,
         name="cloud",
-        critique_url=servers["strong"],
-        critique_model="strong",
+        served_model="strong",
     )
     local_rewards, local_logged = extras(local, CONV_PROMPTS, CONV_COMPLETIONS)
     served_rewards, served_logged = extras(served, CONV_PROMPTS, CONV_COMPLETIONS)
@@ -86,8 +112,120 @@ def test_cloud_critiques_on_vllm_serve_equal_local_ones(tmp_path, checkpoints, s
 
 
 def test_chat_server_wrong_model_name_is_a_configuration_error(servers):
-    judge = GenRM("judge-72b", base_url=servers["strong"], template=TEMPLATE, max_new_tokens=4)
+    judge = GenRM(
+        servers["strong"], engine="openai", served_model="judge-72b", template=TEMPLATE, max_new_tokens=4
+    )
     with pytest.raises(
         ModelNotServedError, match=r"does not serve the model 'judge-72b'; it serves \['strong'\]"
     ):
         judge(CONV_PROMPTS, CONV_COMPLETIONS)
+
+
+def test_former_spellings_still_work_with_a_deprecation_warning(checkpoints, servers):
+    with pytest.warns(DeprecationWarning, match=r"GenRM\(model, base_url=URL\) is deprecated"):
+        judge = GenRM("strong", base_url=servers["strong"], template=TEMPLATE, max_new_tokens=4, name="old")
+    assert judge.client is not None and judge.client.model == "strong"
+    assert all(r is not None for r in judge(CONV_PROMPTS, CONV_COMPLETIONS))
+
+
+# -- in-process vLLM -------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def vllm_judge(checkpoints):
+    """One in-process vLLM generator (greedy), shared by the judges of every template."""
+    path = str(checkpoints.strong)
+    settings = {**ENGINE_KWARGS, "max_model_len": 1024}  # the judge templates' system prompts are long
+    generator = VLLMGenerator(path, load_tokenizer(path, None), max_new_tokens=MAX_NEW_TOKENS, **settings)
+    yield generator
+    generator.close()
+
+
+@pytest.mark.parametrize("template", list(TEMPLATES))
+def test_genrm_on_in_process_vllm_equals_hf_for_every_template(checkpoints, vllm_judge, template):
+    path = str(checkpoints.strong)
+    options = {"template": TEMPLATES[template], "max_new_tokens": MAX_NEW_TOKENS, "name": "judge"}
+    local = GenRM(path, **options)
+    on_vllm = GenRM(engine=vllm_judge, **options)
+    local_rewards, local_logged = extras(local, GROUP_PROMPTS, GROUP_COMPLETIONS)
+    vllm_rewards, vllm_logged = extras(on_vllm, GROUP_PROMPTS, GROUP_COMPLETIONS)
+    texts = [complete_text(t) for t in vllm_logged["judge/judgement"]]
+    assert texts == [complete_text(t) for t in local_logged["judge/judgement"]]
+    assert any(texts)
+    assert vllm_rewards == local_rewards
+    calls = {"pairwise": 3 * 2 + 2 * 1, "listwise": 2, "listwise_custom": 2}
+    if template in calls:  # the whole group is judged: every ordered pair, or one call per group
+        key = "num_comparisons" if template == "pairwise" else "num_judge_calls"
+        assert on_vllm.last_stats[key] == calls[template]
+
+
+def test_genrm_engine_vllm_builds_its_own_generator(checkpoints):
+    judge = GenRM(
+        str(checkpoints.strong),
+        engine="vllm",
+        template=TEMPLATE,
+        max_new_tokens=MAX_NEW_TOKENS,
+        vllm_kwargs=ENGINE_KWARGS,
+        name="judge",
+    )
+    try:
+        assert isinstance(judge.engine, VLLMGenerator) and judge.engine.engine.dtype == "float32"
+        local = GenRM(str(checkpoints.strong), template=TEMPLATE, max_new_tokens=MAX_NEW_TOKENS, name="judge")
+        assert judge(CONV_PROMPTS, CONV_COMPLETIONS) == local(CONV_PROMPTS, CONV_COMPLETIONS)
+    finally:
+        judge.engine.close()
+
+
+def test_sampling_on_vllm_is_reproducible_with_a_seed(checkpoints, vllm_judge):
+    path = str(checkpoints.strong)
+    tokenizer = load_tokenizer(path, None)
+    prompts = [
+        vllm_judge.render([{"role": "user", "content": f"Say something about {w}."}]) for w in ("tea", "rain")
+    ]
+    greedy = [g.token_ids for g in vllm_judge.generate(prompts)]
+    runs: dict[int, list] = {}
+    for seed in (1, 1, 2):  # the same engine, sampling with a seed
+        sampled = VLLMGenerator(
+            vllm_judge.engine, tokenizer, max_new_tokens=MAX_NEW_TOKENS, do_sample=True, seed=seed
+        )
+        runs.setdefault(seed, []).append([g.token_ids for g in sampled.generate(prompts)])
+    assert runs[1][0] == runs[1][1]  # the same seed: the same samples
+    assert runs[1][0] != runs[2][0] and runs[1][0] != greedy  # another seed, or greedy: others
+    hf = HFGenerator(
+        rh_trl_lm(path), tokenizer, max_new_tokens=MAX_NEW_TOKENS, do_sample=False
+    )  # greedy on both engines: the same tokens
+    assert [g.token_ids for g in hf.generate(prompts)] == greedy
+
+
+def rh_trl_lm(path: str):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path).eval()
+
+
+def test_cloud_on_in_process_vllm_equals_hf(tmp_path, checkpoints):
+    """Critiques generated on vLLM, and the reward head read from vLLM's final hidden state (score_engine='vllm')
+    or from transformers (score_engine='hf')."""
+    cloud_dir = tmp_path / "cloud"
+    torch.manual_seed(0)
+    CLoudModel.from_causal_lm(rh_trl_lm(str(checkpoints.strong))).save_pretrained(cloud_dir)
+    tokenizer = str(checkpoints.strong)
+    local = CLoud(str(cloud_dir), tokenizer, max_new_tokens=MAX_NEW_TOKENS, name="cloud")
+    on_vllm = CLoud(
+        str(cloud_dir),
+        tokenizer,
+        engine="vllm",
+        max_new_tokens=MAX_NEW_TOKENS,
+        vllm_kwargs=ENGINE_KWARGS,
+        name="cloud",
+    )
+    try:
+        assert on_vllm.model is None and on_vllm.score_engine == "vllm"  # nothing of it left on transformers
+        local_rewards, local_logged = extras(local, CONV_PROMPTS, CONV_COMPLETIONS)
+        vllm_rewards, vllm_logged = extras(on_vllm, CONV_PROMPTS, CONV_COMPLETIONS)
+        critiques = [complete_text(t) for t in vllm_logged["cloud/critique"]]
+        assert critiques == [complete_text(t) for t in local_logged["cloud/critique"]] and all(critiques)
+        assert max(abs(a - b) for a, b in zip(vllm_rewards, local_rewards, strict=True)) <= 1e-4
+    finally:
+        on_vllm.generator.close()
+        on_vllm.engine.close()

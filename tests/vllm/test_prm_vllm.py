@@ -1,5 +1,7 @@
-"""PRM (separator family) on real vLLM: a Qwen2ForProcessRewardModel whose separator is not Qwen's own id 151651,
-in process and on ``vllm serve --runner pooling``, against the transformers engine running the checkpoint's code."""
+"""PRMs on real vLLM, in process and on ``vllm serve --runner pooling``, against the transformers engine: the
+separator family (a Qwen2ForProcessRewardModel whose separator is not Qwen's own id 151651, running the checkpoint's
+code, and a token-classification PRM), and the next-token and step-tag kinds (a causal LM whose final hidden states
+come from vLLM, ``convert="embed"``, and whose judgement tokens' logits are computed from them)."""
 
 from __future__ import annotations
 
@@ -9,9 +11,15 @@ from transformers import AutoTokenizer
 import rh_trl
 from rh_trl import PRM
 from rh_trl.engines.vllm_pooling import VLLMPoolingEngine
-from tests.vllm.conftest import ENGINE_KWARGS, MAX_MODEL_LEN
+from tests.vllm.conftest import ENGINE_KWARGS, MAX_MODEL_LEN, TAG
 
 pytestmark = pytest.mark.vllm
+
+
+@pytest.fixture(scope="module", autouse=True)
+def module_servers(servers):
+    servers.only("prm", "lm-tokens")  # the earlier modules' servers are done: room for these two
+
 
 TOL = 1e-4
 PROMPTS = [
@@ -85,3 +93,48 @@ def test_token_classification_prm_on_vllm_equals_hf(checkpoints, tokenizer):
         assert max_step_diff(prm.score_steps(PROMPTS, COMPLETIONS), expected) <= TOL
     finally:
         prm.engine.close()
+
+
+# -- next-token and step-tag PRMs: hidden states from vLLM ------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def hidden_states(checkpoints):
+    """One in-process engine giving every token's final hidden state, shared by both kinds' rewards."""
+    engine = VLLMPoolingEngine(str(checkpoints.lm), task="token_embed", **ENGINE_KWARGS)
+    yield engine
+    engine.close()
+
+
+KINDS = {"next_token": {}, "step_tag": {"step_token": TAG}}
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_next_token_and_step_tag_prms_on_vllm_equal_hf(checkpoints, hidden_states, kind):
+    path = str(checkpoints.lm)
+    hf = PRM(path, kind=kind, **KINDS[kind])
+    on_vllm = PRM(path, kind=kind, engine=hidden_states, **KINDS[kind])
+    expected = hf.score_steps(PROMPTS, COMPLETIONS)
+    got = on_vllm.score_steps(PROMPTS, COMPLETIONS)
+    assert [len(s) for s in got] == [3, 2, 1]
+    assert max_step_diff(got, expected) <= TOL
+    assert len({round(x, 6) for s in got for x in s}) > 3  # the steps get different scores
+    assert on_vllm.score(PROMPTS, COMPLETIONS) == pytest.approx(hf.score(PROMPTS, COMPLETIONS), abs=TOL)
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_next_token_and_step_tag_prms_on_vllm_serve_equal_hf(checkpoints, servers, kind):
+    """``vllm serve --runner pooling --convert embed`` with ``token_embed`` and ALL pooling: /pooling."""
+    path = str(checkpoints.lm)
+    remote = PRM(servers["lm-tokens"], path, kind=kind, engine="openai", batch_size=2, **KINDS[kind])
+    expected = PRM(path, kind=kind, **KINDS[kind]).score_steps(PROMPTS, COMPLETIONS)
+    assert max_step_diff(remote.score_steps(PROMPTS, COMPLETIONS), expected) <= TOL
+    assert remote.max_length == MAX_MODEL_LEN
+
+
+def test_next_token_prm_refuses_an_engine_for_another_task(checkpoints, hidden_states):
+    with pytest.raises(
+        ValueError,
+        match="engine= is a vLLM engine for the task 'token_embed'.*needs the task 'token_classify'",
+    ):
+        PRM(str(checkpoints.token_prm), engine=hidden_states)
