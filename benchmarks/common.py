@@ -1,9 +1,14 @@
-"""Shared pieces of the benchmarks: synthetic GRPO-like batches and peak-memory measurement."""
+"""Shared pieces of the benchmarks: synthetic GRPO-like batches, peak-memory measurement, and results written as
+JSON for the documentation's plots (``--json``; ``docs/gen_benchmark_plots.py`` draws ``benchmarks/results/``)."""
 
 from __future__ import annotations
 
 import contextlib
+import datetime
+import json
 import math
+import os
+import platform
 import random
 import time
 from collections.abc import Callable
@@ -85,3 +90,23 @@ def measure(fn: Callable[[], Any], device: torch.device) -> Measured:
     seconds = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else _rss_kb("VmHWM") * 1024
     return Measured(value, seconds, max(0, peak - base) / 2**20)
+
+
+def write_result(
+    path: str | os.PathLike, benchmark: str, baseline: str, rows: list[dict[str, Any]], **context: Any
+) -> None:
+    """Write a benchmark's result: ``rows`` of ``{"path", "seconds", "ratio", …}`` (``ratio``: how many times
+    faster than ``baseline``), with the date, the machine and ``context``."""
+    import torch
+
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"{os.cpu_count()} CPU cores"
+    result = {
+        "benchmark": benchmark,
+        "baseline": baseline,
+        "date": datetime.date.today().isoformat(),
+        "machine": f"{device}, {platform.machine()}",
+        **context,
+        "rows": rows,
+    }
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(result, indent=1) + "\n")

@@ -24,9 +24,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
-from rh_trl.embeddings import TextEncoder, resolve_source  # noqa: E402
+from rh_trl.data.preferences import load_pairs, split_pairs  # noqa: E402
 from rh_trl.formatting import to_sample  # noqa: E402
-from rh_trl.preference_data import load_pairs, split_pairs  # noqa: E402
+from rh_trl.rewards.text_encoder import TextEncoder, resolve_source  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[2] / "shared/data/hh-rlhf-harmless/pairs.jsonl.gz"
 

@@ -55,6 +55,7 @@ def parse_args() -> argparse.Namespace:
         "--skip-vllm", action="store_true", help="only TRL's path and the transformers engine"
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", help="also write the result to this JSON file (the docs plot it)")
     return parser.parse_args()
 
 
@@ -124,7 +125,7 @@ def start_vllm_serve(path: Path, args: argparse.Namespace, log: Path) -> tuple[s
 def main() -> None:
     args = parse_args()
     import torch
-    from common import conversational_batch, lognormal_lengths
+    from common import conversational_batch, lognormal_lengths, write_result
     from orm_throughput import grpo_trainer
 
     import rh_trl
@@ -185,9 +186,18 @@ def main() -> None:
     print(f"device: {device}, dtype {args.dtype}, preset {args.preset} {PRESETS[args.preset]}")
     print(f"batch: {args.num} completions, {tokens} tokens in all, longest completion {max(lengths)} tokens")
     print(f"{'path':<42}{'seconds':>9}{'tokens/s':>11}{'vs TRL':>8}{'max |diff| vs hf':>18}")
+    results = []
     for name, seconds, values in rows:
         diff = max(abs(a - b) for a, b in zip(values, reference, strict=True))
         print(f"{name:<42}{seconds:>9.2f}{tokens / seconds:>11.0f}{baseline / seconds:>7.1f}x{diff:>18.2e}")
+        results.append(
+            {"path": name, "seconds": seconds, "tokens_per_s": tokens / seconds, "ratio": baseline / seconds,
+             "max_abs_diff_vs_hf": diff}
+        )  # fmt: skip
+    if args.json:
+        write_result(
+            args.json, "orm_engines", rows[0][0], results, preset=args.preset, dtype=args.dtype, tokens=tokens
+        )
 
 
 if __name__ == "__main__":

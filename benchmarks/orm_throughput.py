@@ -22,7 +22,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-from common import conversational_batch, lognormal_lengths, measure  # noqa: E402
+from common import conversational_batch, lognormal_lengths, measure, write_result  # noqa: E402
 from datasets import Dataset  # noqa: E402
 
 import rh_trl  # noqa: E402
@@ -46,6 +46,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--dtype", default="float32", help="float32, bfloat16, …")
     parser.add_argument("--max-tokens-per-batch", type=int, default=16384)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", help="also write the result to this JSON file (the docs plot it)")
     return parser.parse_args()
 
 
@@ -127,6 +128,30 @@ def main() -> None:
     print(f"max abs score difference: {diff:.2e}")
     print(f"speedup (TRL seconds / rh_trl seconds): {speedup:.1f}x")
     print(f"peak memory ratio (TRL / rh_trl): {trl_run.peak_mb / max(ours_run.peak_mb, 1.0):.1f}x")
+    if args.json:
+        write_result(
+            args.json,
+            "orm_throughput",
+            "TRL built-in (nn.Module reward)",
+            [
+                {
+                    "path": "TRL built-in (nn.Module reward)",
+                    "seconds": trl_run.seconds,
+                    "ratio": 1.0,
+                    "peak_mb": trl_run.peak_mb,
+                    "padding_efficiency": trl_efficiency,
+                },
+                {
+                    "path": "rh_trl.ORM",
+                    "seconds": ours_run.seconds,
+                    "ratio": speedup,
+                    "peak_mb": ours_run.peak_mb,
+                    "padding_efficiency": stats.padding_efficiency,
+                },
+            ],  # fmt: skip
+            max_abs_diff=diff,
+            completions=len(seq_lengths),
+        )
 
 
 if __name__ == "__main__":

@@ -32,10 +32,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 from transformers import get_cosine_schedule_with_warmup  # noqa: E402
 
+from rh_trl.data.preferences import PreferenceDataError, read_records, split_pairs, to_pair  # noqa: E402
 from rh_trl.formatting import ChatFormatter, to_sample  # noqa: E402
-from rh_trl.preference_data import PreferenceDataError, read_records, split_pairs, to_pair  # noqa: E402
+from rh_trl.models.offline import bpe_tokenizer, tiny_causal_lm  # noqa: E402
 from rh_trl.rewards.drsow import DrSow  # noqa: E402
-from rh_trl.testing import bpe_tokenizer, tiny_causal_lm  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:

@@ -14,16 +14,20 @@ Prompts come from ``dataset_path`` (JSONL/Parquet with a ``prompt`` column) or t
 from __future__ import annotations
 
 import os
-import sys
 from typing import Any
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from _common import RewardArguments, build_reward_functions, load_policy, load_prompts, setup_logging
 from trl import GRPOConfig, GRPOTrainer, ModelConfig, TrlParser
 
 from rh_trl.integrations.trl_vllm import prepare_colocate
+from rh_trl.training.online import (
+    RewardArguments,
+    build_reward_functions,
+    load_policy,
+    load_prompts,
+    setup_logging,
+)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

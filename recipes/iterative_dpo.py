@@ -18,20 +18,18 @@ import copy
 import json
 import logging
 import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from _common import RewardArguments, load_policy, load_prompts, setup_logging
 from datasets import Dataset
 from trl import DPOConfig, DPOTrainer, ModelConfig, TrlParser
 
 from rh_trl.cli.annotate import combined_scores, generate_responses, generate_responses_vllm, select
 from rh_trl.rewards.factory import build_rewards
+from rh_trl.training.online import RewardArguments, load_policy, load_prompts, setup_logging
 
 logger = logging.getLogger("rh_trl.iterative_dpo")
 

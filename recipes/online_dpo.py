@@ -11,16 +11,20 @@ statistics land in each wrapper's ``last_stats`` (this trainer passes no ``log_m
 from __future__ import annotations
 
 import os
-import sys
 from typing import Any
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from _common import RewardArguments, build_reward_functions, load_policy, load_prompts, setup_logging
 from trl import ModelConfig, TrlParser
 
 from rh_trl.engines.zero3 import zero3_enabled
+from rh_trl.training.online import (
+    RewardArguments,
+    build_reward_functions,
+    load_policy,
+    load_prompts,
+    setup_logging,
+)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

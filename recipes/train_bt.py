@@ -30,9 +30,9 @@ from transformers.integrations import is_deepspeed_zero3_enabled
 from trl import ModelConfig, RewardConfig, RewardTrainer, TrlParser, get_peft_config
 
 import rh_trl
-from rh_trl.evaluation import reward_accuracy, score_pairs, shorter_reply
+from rh_trl.data.evaluation import reward_accuracy, score_pairs, shorter_reply
+from rh_trl.data.preferences import FORMATS, load_pairs, tokenize_pairs, training_and_held_out
 from rh_trl.formatting import ChatFormatter
-from rh_trl.preference_data import FORMATS, load_pairs, tokenize_pairs, training_and_held_out
 
 logger = logging.getLogger("rh_trl.train_bt")
 
@@ -73,7 +73,7 @@ def load_model_and_tokenizer(model_args: ModelConfig, bt_args: BTArguments) -> t
     ``rh_trl:tiny-rm`` (a random tiny model, for CI)."""
     name = model_args.model_name_or_path
     if name == "rh_trl:tiny-rm":
-        from rh_trl.loading import offline_model
+        from rh_trl.models.loading import offline_model
 
         return offline_model(name)
     if name == "rh_trl:minilm":
@@ -94,7 +94,7 @@ def load_model_and_tokenizer(model_args: ModelConfig, bt_args: BTArguments) -> t
 
 def load_data(bt_args: BTArguments, seed: int) -> tuple[list[dict], list[dict]]:
     if bt_args.dataset_path == BUILTIN_DATA:
-        from rh_trl.testing import synthetic_preferences
+        from rh_trl.models.offline import synthetic_preferences
 
         pairs = load_pairs(synthetic_preferences(96, seed))
     else:

@@ -6,10 +6,10 @@
 1. Preference pairs are read and split into training and held-out pairs exactly as ``recipes/train_bt.py``
    does (``eval_fraction``, ``seed``); ``validation_fraction`` holds back part of the training pairs for
    choosing settings without looking at the held-out pairs.
-2. Every chosen and rejected response is embedded by the frozen encoder (``rh_trl.embeddings.TextEncoder``),
+2. Every chosen and rejected response is embedded by the frozen encoder (``rh_trl.rewards.text_encoder.TextEncoder``),
    through an on-disk cache: a second run with the same encoder and layout embeds nothing.
 3. ``num_heads`` heads are trained with the Bradley-Terry or the classification loss
-   (``rh_trl.embedding_heads.train_heads``).
+   (``rh_trl.rewards.embedding_heads.train_heads``).
 4. The result is saved as an ``rh_trl.EmbeddingRM`` directory (normalized by the mean and std of its rewards on
    the training responses); its held-out accuracy is computed by scoring the held-out pairs through the reward
    itself, as ``recipes/eval_rm.py`` does. The time of each phase goes to ``embedding_rm_summary.json``.
@@ -30,11 +30,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch
 from trl import TrlParser
 
-from rh_trl.embedding_heads import HeadTraining, ensemble_scores, pair_accuracy, train_heads
-from rh_trl.embeddings import TextEncoder, default_cache_dir
-from rh_trl.evaluation import reward_accuracy, shorter_reply
-from rh_trl.preference_data import FORMATS, PreferenceDataError, load_pairs, split_pairs
+from rh_trl.data.evaluation import reward_accuracy, shorter_reply
+from rh_trl.data.preferences import FORMATS, PreferenceDataError, load_pairs, split_pairs
 from rh_trl.rewards.embedding import EmbeddingRM
+from rh_trl.rewards.embedding_heads import HeadTraining, ensemble_scores, pair_accuracy, train_heads
+from rh_trl.rewards.text_encoder import TextEncoder, default_cache_dir
 
 logger = logging.getLogger("rh_trl.train_embedding_rm")
 
@@ -120,7 +120,7 @@ def build_encoder(args: EmbeddingRMArguments) -> TextEncoder:
     model: Any = args.encoder_model
     tokenizer = None
     if model.startswith(TINY_PREFIX):
-        from rh_trl.loading import offline_model
+        from rh_trl.models.loading import offline_model
 
         model, tokenizer = offline_model(model, seed=args.seed)
     chat_template: str | bool | None = False if args.chat_template == "plain" else args.chat_template
@@ -144,7 +144,7 @@ def build_encoder(args: EmbeddingRMArguments) -> TextEncoder:
 def load_data(args: EmbeddingRMArguments) -> tuple[list[dict], list[dict], list[dict]]:
     """(training, validation, held-out) pairs; the held-out pairs are those ``train_bt.py`` holds out."""
     if args.dataset_path == BUILTIN_DATA:
-        from rh_trl.testing import synthetic_preferences
+        from rh_trl.models.offline import synthetic_preferences
 
         pairs = load_pairs(synthetic_preferences(96, args.seed))
     else:

@@ -39,9 +39,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
 from trl import ModelConfig, SFTConfig, SFTTrainer, TrlParser, get_peft_config
 
 import rh_trl
-from rh_trl.evaluation import accuracy_report, reward_accuracy, shorter_reply
-from rh_trl.loading import prepare_chat_training
-from rh_trl.preference_data import FORMATS, PreferenceDataError, load_pairs, training_and_held_out
+from rh_trl.data.evaluation import accuracy_report, reward_accuracy, shorter_reply
+from rh_trl.data.preferences import FORMATS, PreferenceDataError, load_pairs, training_and_held_out
+from rh_trl.models.loading import prepare_chat_training
 from rh_trl.rewards.factory import TINY_PREFIX
 from rh_trl.rewards.pairwise import (
     ANSWERS,
@@ -223,7 +223,7 @@ def load_model_and_tokenizer(
     if name is None:
         raise ValueError("model_name_or_path is required (a causal LM path / hub id, or rh_trl:tiny-policy)")
     if name.startswith(TINY_PREFIX):
-        from rh_trl.loading import offline_model
+        from rh_trl.models.loading import offline_model
 
         model, tokenizer = offline_model(name)
         if not type(model).__name__.endswith("ForCausalLM"):
@@ -252,7 +252,7 @@ def load_model_and_tokenizer(
 def load_data(args: PairwiseArguments, seed: int) -> tuple[list[dict], list[dict]]:
     """Training and held-out ``{"prompt", "chosen", "rejected"}`` pairs."""
     if args.dataset_path == BUILTIN_DATA:
-        from rh_trl.testing import synthetic_preferences
+        from rh_trl.models.offline import synthetic_preferences
 
         pairs = load_pairs(synthetic_preferences(96, seed))
     else:

@@ -16,11 +16,11 @@ __version__ = "0.1.0"
 _EXPORTS: dict[str, str] = {
     "DrSow": "rh_trl.rewards",
     "EmbeddingRM": "rh_trl.rewards.embedding",
-    "EmbeddingHead": "rh_trl.embedding_heads",
-    "EmbeddingCache": "rh_trl.embeddings",
-    "HeadTraining": "rh_trl.embedding_heads",
-    "TextEncoder": "rh_trl.embeddings",
-    "train_heads": "rh_trl.embedding_heads",
+    "EmbeddingHead": "rh_trl.rewards.embedding_heads",
+    "EmbeddingCache": "rh_trl.rewards.text_encoder",
+    "HeadTraining": "rh_trl.rewards.embedding_heads",
+    "TextEncoder": "rh_trl.rewards.text_encoder",
+    "train_heads": "rh_trl.rewards.embedding_heads",
     "CLoud": "rh_trl.rewards",
     "CLoudConfig": "rh_trl.rewards",
     "CLoudModel": "rh_trl.rewards",
@@ -33,7 +33,7 @@ _EXPORTS: dict[str, str] = {
     "RetryPolicy": "rh_trl.engines.http",
     "ChatFormatter": "rh_trl.formatting",
     "HFEngine": "rh_trl.engines",
-    "ModelLoadError": "rh_trl.loading",
+    "ModelLoadError": "rh_trl.models.loading",
     "ModelNotServedError": "rh_trl.engines.http",
     "ORMAdapter": "rh_trl.rewards",
     "Reward": "rh_trl.rewards",
@@ -66,12 +66,10 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # what type checkers and IDEs see
-    from rh_trl.embedding_heads import EmbeddingHead, HeadTraining, train_heads
-    from rh_trl.embeddings import EmbeddingCache, TextEncoder
     from rh_trl.engines import HFEngine
     from rh_trl.engines.http import ModelNotServedError, RetryPolicy
     from rh_trl.formatting import ChatFormatter, RewardInputError, Sample
-    from rh_trl.loading import ModelLoadError
+    from rh_trl.models.loading import ModelLoadError
     from rh_trl.registry import UnknownModelError, load, register_model, resolve
     from rh_trl.rewards import (
         ORM,
@@ -90,3 +88,5 @@ if TYPE_CHECKING:  # what type checkers and IDEs see
         register_orm_adapter,
     )
     from rh_trl.rewards.embedding import EmbeddingRM
+    from rh_trl.rewards.embedding_heads import EmbeddingHead, HeadTraining, train_heads
+    from rh_trl.rewards.text_encoder import EmbeddingCache, TextEncoder

@@ -25,8 +25,8 @@ A causal LM alone does not say what it was trained for (a next-token PRM, a pair
 policy share architecture and tokenizer), so an unregistered one is an error that says how to choose:
 ``family="prm", kind="next_token"``, the class itself, or :func:`register_model`.
 
-``engine="hf" | "vllm" | "openai"`` is passed to classes that take an ``engine`` argument (ORM, PRM, DrSow); a
-class that does not run on the engine asked for is an error listing the engines it does run on. With
+``engine="hf" | "vllm" | "openai"`` is passed to the class (every family takes it); a model the engine cannot run
+(an ORM adapter's custom code on vLLM) is an error listing the engines it does run on. With
 ``engine="openai"`` the model is a server's URL (or a list of replicas' URLs) and the class is chosen from the
 files of ``tokenizer=``, the model's directory or hub id. Other keyword arguments
 go to the class unchanged and override the registry's options.
@@ -34,17 +34,25 @@ go to the class unchanged and override the registry's options.
 
 from __future__ import annotations
 
-import fnmatch
 import inspect
 import json
 import logging
 import os
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from rh_trl.loading import ModelLoadError, check_model_source, config_dict, is_offline
+from rh_trl.engines.vllm_llm import ENGINES
+from rh_trl.models.catalog import (  # noqa: F401 - register_model, registered_models: public here too
+    UPSTREAM_CLOUD,
+    ModelEntry,
+    hub_id_from_path,
+    lookup,
+    register_model,
+    registered_models,
+)
+from rh_trl.models.loading import ModelLoadError, check_model_source, config_dict, is_offline
 from rh_trl.options import check_options
 from rh_trl.rewards.adapters import DEFAULT_ADAPTER, ORM_ADAPTERS
 from rh_trl.rewards.base import Reward
@@ -60,7 +68,6 @@ from rh_trl.rewards.prm import PRM
 
 logger = logging.getLogger("rh_trl")
 
-ENGINES = ("hf", "vllm", "openai")
 
 #: ``family=`` names → classes
 FAMILIES: dict[str, Callable[..., Reward]] = {
@@ -88,113 +95,6 @@ _HAND_PICK = (
 
 class UnknownModelError(ValueError):
     """No registry entry and nothing in the model's files says which reward class fits the model."""
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# The registry
-# ----------------------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ModelEntry:
-    """A registry row: hub ids matching ``pattern`` are loaded with ``target(model, **options)``.
-
-    ``unsupported`` (instead of a target) makes :func:`load` refuse the model with that explanation.
-    """
-
-    pattern: str
-    target: Callable[..., Reward] | str | None
-    options: Mapping[str, Any] = field(default_factory=dict)
-    unsupported: str | None = None
-
-    @property
-    def is_glob(self) -> bool:
-        return any(c in self.pattern for c in "*?[")
-
-    def matches_id(self, model_id: str) -> bool:
-        return fnmatch.fnmatchcase(model_id.casefold(), self.pattern.casefold())
-
-    def matches_name(self, name: str) -> bool:
-        """Whether a directory called ``name`` matches the pattern's last part (``org/<name part>``)."""
-        return fnmatch.fnmatchcase(name.casefold(), self.pattern.rsplit("/", 1)[-1].casefold())
-
-
-_ENTRIES: list[ModelEntry] = []
-
-
-def register_model(pattern: str, cls: Callable[..., Reward] | str | None = None, **options: Any) -> Any:
-    """Register the reward class (or factory) that :func:`load` uses for hub ids matching ``pattern``.
-
-    ``pattern`` is a hub id (``"org/name"``) or a glob over hub ids (``"org/my-rm-*"``); exact ids win over
-    globs, and a later registration wins over an earlier one (so yours win over the built-in rows). ``cls`` is a
-    :class:`~rh_trl.Reward` subclass, a factory ``f(model, **options) -> Reward`` or a ``"module:attribute"``
-    string imported on first use; ``options`` are passed to it (the caller's own keyword arguments win)::
-
-        rh_trl.register_model("myorg/math-prm-*", rh_trl.PRM, kind="next_token", aggregation="last")
-
-        @rh_trl.register_model("myorg/judge-rm")
-        class MyJudge(rh_trl.Reward): ...
-
-    Without ``cls`` it returns a decorator that registers what it decorates and returns it unchanged.
-    """
-    if not isinstance(pattern, str) or not pattern.strip():
-        raise ValueError(f"pattern must be a hub id or a glob such as 'org/name-*', got {pattern!r}")
-    if isinstance(cls, str) and ":" not in cls:
-        raise ValueError(f"a class given as a string must be 'module:Class', got {cls!r}")
-
-    def add(target: Callable[..., Reward] | str) -> Callable[..., Reward] | str:
-        if not (isinstance(target, str) or callable(target)):
-            raise TypeError(f"register_model needs a Reward class or factory, got {type(target).__name__}")
-        _ENTRIES.append(ModelEntry(pattern.strip(), target, dict(options)))
-        return target
-
-    if cls is None:
-        return add
-    add(cls)
-    return cls
-
-
-def _register_unsupported(pattern: str, reason: str) -> None:
-    _ENTRIES.append(ModelEntry(pattern, None, {}, unsupported=reason))
-
-
-def registered_models() -> list[ModelEntry]:
-    """The registry's rows, in registration order (built-in rows first)."""
-    return list(_ENTRIES)
-
-
-def lookup(model_id: str | None = None, directory_name: str | None = None) -> ModelEntry | None:
-    """The registry row for a hub id (exact match, then glob), or for a directory name matched against the
-    patterns' last part; ``None`` if none. Later registrations win."""
-    newest_first = _ENTRIES[::-1]
-    for want_glob in (False, True):
-        for entry in newest_first:
-            if entry.is_glob != want_glob:
-                continue
-            if model_id and entry.matches_id(model_id):
-                return entry
-            if not model_id and directory_name and entry.matches_name(directory_name):
-                return entry
-    return None
-
-
-# Public checkpoints whose files do not say what they are (causal LMs), or that need a known option.
-register_model("Qwen/Qwen2.5-Math-PRM-*", PRM, kind="separator")
-register_model("Qwen/Qwen2.5-Math-7B-PRM800K", PRM, kind="separator")
-register_model("RLHFlow/Llama3.1-8B-PRM-*", PRM, kind="next_token")
-register_model("peiyi9979/math-shepherd-mistral-7b-prm", PRM, kind="step_tag")
-register_model("RLHFlow/pair-preference-model-*", PairwisePM, layout="rlhflow")  # its card's inference code
-_register_unsupported(
-    "Nexusflow/Starling-RM-*",
-    "its reward head lives in a standalone script (a causal LM plus a value head), with no from_pretrained class "
-    "that rh_trl could load",
-)
-_UPSTREAM_CLOUD = (
-    "it is saved in the original CLoud repository's format (CLoudRewardModel: a config that names its base model "
-    "plus `reward_base_model.*` weights), which rh_trl.CLoud does not read; rh_trl.CLoud loads CLoudModel "
-    "checkpoints (recipes/train_cloud.py, or CLoudModel.from_causal_lm(lm).save_pretrained(dir))"
-)
-_register_unsupported("ankner/*-CLoud-RM", _UPSTREAM_CLOUD)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -242,15 +142,6 @@ class ModelFiles:
             f"tokenizer {'declares' if SEPARATOR_TOKEN in self.tokens else 'has no'} {SEPARATOR_TOKEN!r} token"
         )
         return ", ".join(parts)
-
-
-def hub_id_from_path(path: str | os.PathLike) -> str | None:
-    """The hub id of a hub-cache snapshot directory (``…/models--org--name/snapshots/<rev>``), else ``None``."""
-    parts = Path(path).expanduser().resolve().parts
-    if len(parts) >= 3 and parts[-2] == "snapshots" and parts[-3].startswith("models--"):
-        org, sep, name = parts[-3][len("models--") :].partition("--")
-        return f"{org}/{name}" if sep else org
-    return None
 
 
 def _read_json(path: Path) -> Any:
@@ -418,7 +309,7 @@ def infer_from_config(
     if config.get("model_type") == CLoudConfig.model_type or "CLoudModel" in archs:
         return CLoud, {}, f"config.json: model_type {config.get('model_type')!r} (a saved CLoudModel)"
     if "CLoudRewardModel" in archs:
-        raise UnknownModelError(f"'{files.source}' cannot be loaded: {_UPSTREAM_CLOUD}.")
+        raise UnknownModelError(f"'{files.source}' cannot be loaded: {UPSTREAM_CLOUD}.")
     for arch in archs:
         if arch in ORM_ADAPTERS:
             adapter = ORM_ADAPTERS[arch]

@@ -1,4 +1,5 @@
-"""Shared by the PPO tests (``-m ppo``): the README's blocks, a real ``rh-trl serve`` process, tiny saved models."""
+"""Shared by the PPO tests (``-m ppo``): the documentation's blocks, a real ``rh-trl serve`` process, tiny saved
+models."""
 
 from __future__ import annotations
 
@@ -14,11 +15,11 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def readme_block(marker: str) -> str:
-    """The fenced block that follows ``<!-- marker -->`` in the README (what the docs tell users to run)."""
-    text = (ROOT / "README.md").read_text()
+def docs_block(marker: str, page: str = "docs/ppo.md") -> str:
+    """The fenced block that follows ``<!-- marker -->`` on a documentation page (what it tells users to run)."""
+    text = (ROOT / page).read_text()
     match = re.search(rf"<!-- {re.escape(marker)} -->\s*```[a-z]*\n(.*?)\n```", text, re.DOTALL)
-    assert match, f"README.md has no fenced block after <!-- {marker} -->"
+    assert match, f"{page} has no fenced block after <!-- {marker} -->"
     return match.group(1)
 
 

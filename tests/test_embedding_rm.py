@@ -13,11 +13,11 @@ import pytest
 import torch
 
 from rh_trl import RewardInputError
-from rh_trl.embedding_heads import EmbeddingHead, HeadTraining, pair_loss, train_heads
-from rh_trl.embeddings import EmbeddingCache, TextEncoder, resolve_source
+from rh_trl.data.preferences import PreferenceDataError
 from rh_trl.formatting import to_sample
-from rh_trl.preference_data import PreferenceDataError
 from rh_trl.rewards.embedding import EmbeddingRM, load_embedding_rm
+from rh_trl.rewards.embedding_heads import EmbeddingHead, HeadTraining, pair_loss, train_heads
+from rh_trl.rewards.text_encoder import EmbeddingCache, TextEncoder, resolve_source
 from rh_trl.testing import tiny_causal_lm
 
 from .conftest import CONV_COMPLETIONS, CONV_PROMPTS, TEXT_COMPLETIONS, TEXT_PROMPTS

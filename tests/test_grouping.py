@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from rh_trl.formatting import RewardInputError
-from rh_trl.grouping import prompt_groups
+from rh_trl.rewards.grouping import prompt_groups
 
 P1 = [{"role": "user", "content": "Describe trains."}]
 P2 = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Describe trains."}]

@@ -8,7 +8,7 @@ import torch
 
 import rh_trl
 from rh_trl.formatting import to_sample
-from rh_trl.loading import config_dict, load_tokenizer
+from rh_trl.models.loading import config_dict, load_tokenizer
 from rh_trl.rewards.factory import build_reward
 from rh_trl.testing import minilm_tokenizer, tiny_model
 

@@ -2,7 +2,7 @@
 
 What runs is OpenRLHF's: ``PromptDataset`` renders the prompts, ``RolloutRayActor.generate_responses`` and
 ``generate`` drive ``SingleTurnAgentExecutor``, whose ``_fetch_rewards_via_http`` posts to ``/get_reward`` at the
-README's ``--reward.remote_url``; ``SamplesGenerator._process_response_into_experience`` turns each answer into
+documentation's ``--reward.remote_url``; ``SamplesGenerator._process_response_into_experience`` turns each answer into
 an ``Experience`` (where a ``null`` reward crashed the rollout), and ``Experience.concat_experiences`` batches
 them as the experience maker does.
 
@@ -35,7 +35,7 @@ pytest.importorskip("fastapi")
 from rh_trl.serve.config import RewardSpec, build_reward, load_config  # noqa: E402
 from rh_trl.testing import bpe_tokenizer  # noqa: E402
 
-from .ppo_support import ROOT, ServeProcess, readme_block, save_tiny_prm  # noqa: E402
+from .ppo_support import ROOT, ServeProcess, docs_block, save_tiny_prm  # noqa: E402
 from .test_server import free_port  # noqa: E402
 
 pytestmark = pytest.mark.ppo
@@ -121,13 +121,13 @@ def rollout_actor(remote_rm_url: list[str], llm) -> RolloutRayActor:
     return actor
 
 
-# -- the README's command line ----------------------------------------------------------------------------------------
+# -- the documentation's command line ----------------------------------------------------------------------------------------
 
 
 def readme_openrlhf() -> tuple[str, dict[str, str | bool]]:
-    """The server config and OpenRLHF's flags from the README's block, every flag checked against OpenRLHF's
+    """The server config and OpenRLHF's flags from the documentation's block, every flag checked against OpenRLHF's
     own ``train_ppo_ray`` parser source (the module imports DeepSpeed and vLLM, so it is read, not run)."""
-    block = readme_block("openrlhf-command").replace("\\\n", " ")
+    block = docs_block("openrlhf-command").replace("\\\n", " ")
     serve = next(line for line in block.splitlines() if line.startswith("rh-trl serve"))
     config = shlex.split(serve)[shlex.split(serve).index("--config") + 1]
     command = shlex.split(next(line for line in block.splitlines() if "openrlhf.cli.train_ppo_ray" in line))
@@ -137,7 +137,7 @@ def readme_openrlhf() -> tuple[str, dict[str, str | bool]]:
     args = command[3:]
     for i, arg in enumerate(args):
         if arg.startswith("--"):
-            assert f'"{arg}"' in source, f"README flag {arg} is not an option of OpenRLHF's train_ppo_ray"
+            assert f'"{arg}"' in source, f"documented flag {arg} is not an option of OpenRLHF's train_ppo_ray"
             has_value = i + 1 < len(args) and not args[i + 1].startswith("--")
             flags[arg] = args[i + 1] if has_value else True
     return config, flags

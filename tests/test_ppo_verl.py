@@ -1,6 +1,6 @@
 """verl 0.9.1's own rollout and reward loop against rh_trl (``pytest -m ppo``).
 
-What runs is verl's: Hydra composes the README's config file on top of verl's ``ppo_trainer.yaml``,
+What runs is verl's: Hydra composes the documentation's config file on top of verl's ``ppo_trainer.yaml``,
 ``migrate_legacy_reward_impl`` moves the reward settings as ``main_ppo`` does, ``RLHFDataset`` reads gsm8k-style
 rows (the layout of verl's ``examples/data_preprocess/gsm8k.py``) and builds ``raw_prompt``,
 ``AgentLoopWorker.generate_sequences`` runs the single-turn agent loop for every sample concurrently and sends
@@ -38,7 +38,7 @@ from rh_trl.rewards import factory  # noqa: E402
 from rh_trl.serve.config import build_reward, load_config  # noqa: E402
 from rh_trl.testing import bpe_tokenizer, tiny_causal_lm  # noqa: E402
 
-from .ppo_support import ROOT, ServeProcess, readme_block, save_tiny_prm  # noqa: E402
+from .ppo_support import ROOT, ServeProcess, docs_block, save_tiny_prm  # noqa: E402
 from .test_server import free_port  # noqa: E402
 
 pytestmark = pytest.mark.ppo
@@ -66,7 +66,7 @@ GSM8K = [  # question, answer, the policy's response
 ROLLOUT_N = 3
 
 
-# -- verl's inputs: a policy directory, gsm8k-style rows, the README's config ------------------------------------------
+# -- verl's inputs: a policy directory, gsm8k-style rows, the documentation's config ------------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -98,9 +98,9 @@ def gsm8k_file(tmp_path_factory):
 
 
 def verl_config(tmp_path, policy_dir, gsm8k_file, overrides: list[str]):
-    """verl's config as ``main_ppo`` gets it from the README's file, plus the settings a run gives on the command
+    """verl's config as ``main_ppo`` gets it from the documentation's file, plus the settings a run gives on the command
     line (model, data, rollout engine) and ``overrides``."""
-    (tmp_path / "rh_trl_ppo.yaml").write_text(readme_block("verl-config") + "\n")
+    (tmp_path / "rh_trl_ppo.yaml").write_text(docs_block("verl-config") + "\n")
     with initialize_config_dir(config_dir=str(tmp_path), version_base=None):
         config = compose(
             "rh_trl_ppo",
@@ -205,7 +205,7 @@ def test_reward_built_in_process_batches_calls_and_failure_score_marks_unscorabl
     prm_dir = save_tiny_prm(tmp_path / "prm")
     spec = {"type": "prm", "model": str(prm_dir), "kind": "next_token"}
     overrides = [
-        "~reward.reward_kwargs.reward",  # replaced, not merged into the README's remote spec
+        "~reward.reward_kwargs.reward",  # replaced, not merged into the documentation's remote spec
         f"+reward.reward_kwargs.reward={{type: prm, model: '{prm_dir}', kind: next_token}}",
         "reward.reward_kwargs.failure_score=-2.5",
         "+reward.reward_kwargs.max_wait_ms=50",

@@ -7,15 +7,15 @@ import json
 
 import pytest
 
-from rh_trl.evaluation import accuracy_report, shorter_reply
-from rh_trl.formatting import ChatFormatter, to_sample
-from rh_trl.preference_data import (
+from rh_trl.data.evaluation import accuracy_report, shorter_reply
+from rh_trl.data.preferences import (
     PreferenceDataError,
     hh_to_messages,
     load_pairs,
     split_pairs,
     tokenize_pairs,
 )
+from rh_trl.formatting import ChatFormatter, to_sample
 
 HH = {
     "chosen": "\n\nHuman: How do I bake bread?\n\nAssistant: Mix flour and water.\n\nHuman: Then?\n\nAssistant: Bake it.",

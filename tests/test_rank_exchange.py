@@ -1,4 +1,4 @@
-"""rh_trl.distributed's exchange on one machine: two threads as two processes, sharing one torch store.
+"""rh_trl.engines.ranks's exchange on one machine: two threads as two processes, sharing one torch store.
 
 The real thing (two processes inside TRL trainers and DeepSpeed) runs in tests/distributed (-m distributed); here the
 protocol itself: shares in rank order, reads from some processes only, stamps, failures, timeouts, key cleanup.
@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import pytest
 import torch.distributed as dist
 
-from rh_trl.distributed import DistributedRewardError, RankCall, RankExchange, current_call, trainer_world
+from rh_trl.engines.ranks import DistributedRewardError, RankCall, RankExchange, current_call, trainer_world
 
 
 def both(fn, timeout: float = 30.0):

@@ -9,13 +9,13 @@ import sys
 
 import pytest
 
-from .ppo_support import ROOT, readme_block
+from .ppo_support import ROOT, docs_block
 
 
 @pytest.mark.slow
 def test_try_it_in_python_script_runs_as_written(tmp_path):
     script = tmp_path / "try_it.py"
-    script.write_text(readme_block("try-it-in-python"))
+    script.write_text(docs_block("try-it-in-python", "README.md"))
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
     done = subprocess.run(
         [sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
@@ -25,5 +25,5 @@ def test_try_it_in_python_script_runs_as_written(tmp_path):
     assert set(printed) == {"drsow", "orm"}, done.stdout[-2000:]
     means = {name: [float(v) for v in values.strip("[]").split(",")] for name, values in printed.items()}
     assert len(means["drsow"]) == len(means["orm"]) == 5  # one per step
-    # the scales the README's "Mixing rewards of different scales" section states: DrSow around +20, ORM around -5
+    # the scales docs/getting-started.md's "Mixing rewards of different scales" states: DrSow about +20, ORM about -5
     assert 10 < sum(means["drsow"]) / 5 < 40 and -8 < sum(means["orm"]) / 5 < -2

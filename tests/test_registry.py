@@ -71,9 +71,9 @@ def sep_tok():
 @pytest.fixture
 def registry_snapshot(monkeypatch):
     """Rows registered by a test are dropped after it."""
-    from rh_trl import registry
+    from rh_trl.models import catalog
 
-    monkeypatch.setattr(registry, "_ENTRIES", list(registry._ENTRIES))
+    monkeypatch.setattr(catalog, "_ENTRIES", list(catalog._ENTRIES))
 
 
 @pytest.fixture

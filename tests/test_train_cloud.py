@@ -16,9 +16,10 @@ import torch
 from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, TrainingArguments
 
 import rh_trl
-from rh_trl.preference_data import PreferenceDataError, split_pairs
+from rh_trl.data.preferences import PreferenceDataError, split_pairs
 from rh_trl.rewards.cloud import CLOUD_PREAMBLE, CLoudModel
 from rh_trl.testing import bpe_tokenizer, tiny_causal_lm
+from rh_trl.training import cloud as cloud_training
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "recipes"))
@@ -135,14 +136,14 @@ def test_joint_loss_is_bt_plus_weighted_critique_lm_loss(tmp_path):
 
 def test_cloud_loss_arguments():
     c, r = torch.tensor([1.0, -2.0]), torch.tensor([0.5, 1.0])
-    loss, parts = train_cloud.cloud_loss(c, r, torch.tensor(2.0), 1.25)
+    loss, parts = cloud_training.cloud_loss(c, r, torch.tensor(2.0), 1.25)
     bt = (math.log1p(math.exp(-0.5)) + math.log1p(math.exp(3.0))) / 2
     assert abs(float(loss) - (bt + 2.5)) <= TOL and abs(float(parts["bt_loss"]) - bt) <= TOL
-    assert abs(float(train_cloud.cloud_loss(c, r, None, 0.0)[0]) - bt) <= TOL
+    assert abs(float(cloud_training.cloud_loss(c, r, None, 0.0)[0]) - bt) <= TOL
     with pytest.raises(ValueError, match="needs an LM loss"):
-        train_cloud.cloud_loss(c, r, None, 1.25)
+        cloud_training.cloud_loss(c, r, None, 1.25)
     with pytest.raises(ValueError, match="differ in shape"):
-        train_cloud.cloud_loss(c, r[:1], None, 0.0)
+        cloud_training.cloud_loss(c, r[:1], None, 0.0)
 
 
 def test_sft_sequence_is_the_generation_prefix_then_the_critique():
@@ -331,12 +332,12 @@ def test_whole_model_loading_lifts_zero3_init_for_a_while():
     hf_deepspeed.set_hf_deepspeed_config(config)
     try:
         assert hf_deepspeed.is_deepspeed_zero3_enabled()
-        with train_cloud.whole_model_loading():
+        with train_cloud.zero3_init_disabled():
             assert not hf_deepspeed.is_deepspeed_zero3_enabled()
         assert hf_deepspeed.is_deepspeed_zero3_enabled()
     finally:
         hf_deepspeed.unset_hf_deepspeed_config()
-    with train_cloud.whole_model_loading():
+    with train_cloud.zero3_init_disabled():
         assert not hf_deepspeed.is_deepspeed_zero3_enabled()
 
 

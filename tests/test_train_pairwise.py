@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import rh_trl
-from rh_trl.preference_data import PreferenceDataError
+from rh_trl.data.preferences import PreferenceDataError
 from rh_trl.testing import bpe_tokenizer, tiny_causal_lm
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -11,7 +11,7 @@ from a checkpoint, so a resumed run normalizes exactly as an uninterrupted one.
     trainer = GRPOTrainer(..., reward_funcs=normalizer.rewards, callbacks=[normalizer])
 
 In a trainer on several processes every process adds the whole call's values, all processes' shares in rank
-order (:mod:`rh_trl.distributed`), so every process holds the same running state, that of one process scoring
+order (:mod:`rh_trl.engines.ranks`), so every process holds the same running state, that of one process scoring
 the whole call; a call outside a trainer (``reward.score(...)``) adds only its own values.
 """
 
@@ -30,7 +30,7 @@ from typing import Any
 from transformers import TrainerCallback
 
 from rh_trl.callbacks._wrapping import call_reward, check_wrappable, reward_name
-from rh_trl.distributed import RankExchange
+from rh_trl.engines.ranks import RankExchange
 
 logger = logging.getLogger("rh_trl")
 

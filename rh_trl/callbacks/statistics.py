@@ -11,14 +11,14 @@ unchanged) and reports, for every call, through TRL's ``log_metric`` (GRPO, RLOO
                                                               length: a reward-hacking signal)
 
 Length is the number of completion tokens when the trainer passes ``completion_ids``, else characters.
-A group is the completions of one prompt wherever they sit in the call (:func:`~rh_trl.grouping.prompt_groups`:
+A group is the completions of one prompt wherever they sit in the call (:func:`~rh_trl.rewards.grouping.prompt_groups`:
 GRPO's ``[p1, p1, p2, p2]`` and online DPO's ``[p1, p2, p1, p2]`` alike); ``group_size`` switches to consecutive
 runs of that many completions, and a call that does not hold whole runs of one prompt each reports NaN for the
 group metric, with a warning. A group needs at least two rewards to count. Undefined (NaN) statistics are not
 logged. Trainers that pass no ``log_metric`` (online DPO) leave the numbers in ``last_stats``.
 
 In a trainer on several processes the statistics describe the whole call: every process's rewards, lengths and
-prompt fingerprints are exchanged (:mod:`rh_trl.distributed`), so min, max, percentiles and groups are those of all
+prompt fingerprints are exchanged (:mod:`rh_trl.engines.ranks`), so min, max, percentiles and groups are those of all
 completions, and every process logs the same numbers.
 """
 
@@ -33,9 +33,9 @@ from typing import Any
 import numpy as np
 
 from rh_trl.callbacks._wrapping import call_reward, check_wrappable, reward_name
-from rh_trl.distributed import RankExchange
+from rh_trl.engines.ranks import RankExchange
 from rh_trl.formatting import RewardInputError
-from rh_trl.grouping import groups_of_keys, prompt_digest
+from rh_trl.rewards.grouping import groups_of_keys, prompt_digest
 
 logger = logging.getLogger("rh_trl")
 

@@ -28,11 +28,9 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import inspect
 import itertools
 import json
 import logging
-import math
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -41,10 +39,11 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from rh_trl.cli.annotation import as_completion, combined_scores, file_sha256, row_problem
 from rh_trl.cli.parser import help_text, json_object
 from rh_trl.cli.resumable import STATE_FILE, Progress, settings_changes  # noqa: F401  (re-exported)
 from rh_trl.cli.score import add_ray_arguments
-from rh_trl.datafiles import read_rows, read_yaml
+from rh_trl.data.files import read_rows, read_yaml
 from rh_trl.options import did_you_mean
 
 logger = logging.getLogger("rh_trl")
@@ -67,17 +66,6 @@ class AnnotateResult:
 
 
 # -- reading --------------------------------------------------------------------------------------------------
-
-
-def as_completion(prompt: Any, response: Any) -> Any:
-    """A response in the prompt's TRL format (a string under a conversational prompt becomes a message)."""
-    if isinstance(prompt, str) or not isinstance(response, str):
-        return response
-    return [{"role": "assistant", "content": response}]
-
-
-def response_text(response: Any) -> str:
-    return response if isinstance(response, str) else str(response[-1]["content"])
 
 
 # -- generation -----------------------------------------------------------------------------------------------
@@ -161,29 +149,6 @@ def generate_responses_vllm(
 # -- scoring and selection ------------------------------------------------------------------------------------
 
 
-def combined_scores(
-    rewards: Sequence[Callable[..., Any]],
-    weights: Sequence[float],
-    prompts: Sequence[Any],
-    completions: Sequence[Any],
-) -> list[float | None]:
-    """Weighted sum of the rewards per completion; ``None`` where any reward gave ``None``. Async rewards
-    (``RemoteRM``) are awaited."""
-    from rh_trl.engines.http import run_sync
-
-    per_reward = []
-    for reward in rewards:
-        values = reward(prompts=list(prompts), completions=list(completions))
-        per_reward.append(run_sync(values) if inspect.isawaitable(values) else values)
-    scores: list[float | None] = []
-    for values in zip(*per_reward, strict=True):
-        if any(v is None or math.isnan(v) for v in values):
-            scores.append(None)
-        else:
-            scores.append(math.fsum(w * float(v) for w, v in zip(weights, values, strict=True)))
-    return scores
-
-
 def select(
     prompt: Any, responses: Sequence[Any], scores: Sequence[float | None], pairs: str, margin: float
 ) -> tuple[list[dict[str, Any]], dict[str, Any] | None, bool]:
@@ -231,29 +196,8 @@ def rows_sha256(rows: Sequence[Mapping[str, Any]]) -> str:
     return digest.hexdigest()
 
 
-def file_sha256(path: str | os.PathLike) -> str:
-    """A SHA-256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _jsonl(rows: Sequence[Mapping[str, Any]]) -> bytes:
     return "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows).encode()
-
-
-def row_problem(row: Mapping[str, Any] | None, need_responses: bool = True) -> str | None:
-    """Why a row cannot be annotated (no ``prompt``, or no ``responses`` when nothing generates them), or
-    ``None``."""
-    if row is None:
-        return None
-    if "prompt" not in row:
-        return f"has no 'prompt' (keys: {sorted(row)})"
-    if need_responses and not row.get("responses"):
-        return "has no 'responses'; give responses or a policy to generate"
-    return None
 
 
 #: ``chunks(rows_done)`` → for each chunk after the first ``rows_done`` rows, ``(prompt, responses, scores)`` per row
@@ -480,7 +424,7 @@ def _policy_generator(o: Mapping[str, Any]) -> Callable[[list[Any], int], list[l
         )
     from transformers import AutoModelForCausalLM
 
-    from rh_trl.loading import load_model, load_tokenizer
+    from rh_trl.models.loading import load_model, load_tokenizer
 
     model = load_model(o["policy"], AutoModelForCausalLM)  # a path, a hub id or an offline name
     tokenizer = load_tokenizer(None, model)

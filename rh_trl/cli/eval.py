@@ -25,10 +25,10 @@ from typing import Any
 
 import rh_trl
 from rh_trl.cli.parser import help_text
-from rh_trl.datafiles import read_yaml
-from rh_trl.evaluation import accuracy_report, plot_margins, score_pairs, shorter_reply
-from rh_trl.loading import MINILM, load_model, load_tokenizer, quiet_transformers
-from rh_trl.preference_data import FORMATS, load_pairs, split_pairs
+from rh_trl.data.evaluation import accuracy_report, plot_margins, score_pairs, shorter_reply
+from rh_trl.data.files import read_yaml
+from rh_trl.data.preferences import FORMATS, load_pairs, split_pairs
+from rh_trl.models.loading import MINILM, load_model, load_tokenizer, quiet_transformers
 
 DATA_SUFFIXES = (".json", ".jsonl", ".jsonl.gz", ".parquet")
 

@@ -86,7 +86,7 @@ def debug_requested(args: argparse.Namespace | None = None) -> bool:
 
 def input_error_types() -> tuple[type[BaseException], ...]:
     """Exceptions that mean bad usage or input (exit status 2); any other exception is a failure (1)."""
-    from rh_trl.loading import ModelLoadError
+    from rh_trl.models.loading import ModelLoadError
 
     return (ValueError, FileNotFoundError, IsADirectoryError, NotADirectoryError, ModelLoadError)
 

@@ -93,7 +93,7 @@ def _train(steps: int, output_dir: str | None, seed: int, progress: bool) -> Qui
     from trl import GRPOConfig, GRPOTrainer
 
     import rh_trl
-    from rh_trl.testing import bpe_tokenizer, bundled_prompts, tiny_causal_lm, tiny_reward_model
+    from rh_trl.models.offline import bpe_tokenizer, bundled_prompts, tiny_causal_lm, tiny_reward_model
 
     policy_tokenizer = bpe_tokenizer("llama")
     reward_tokenizer = bpe_tokenizer("chatml", vocab_size=400)
@@ -143,7 +143,7 @@ def _train(steps: int, output_dir: str | None, seed: int, progress: bool) -> Qui
 
 def save_outputs(trainer: Any, result: QuickstartResult) -> list[str]:
     """Write the trained policy, the reward curve and its plot to ``result.output_dir``; return the paths."""
-    from rh_trl.loading import quiet_transformers
+    from rh_trl.models.loading import quiet_transformers
 
     out = Path(result.output_dir)
     with quiet_transformers():  # no bar per saved shard
@@ -151,7 +151,7 @@ def save_outputs(trainer: Any, result: QuickstartResult) -> list[str]:
     curve = out / "reward_curve.json"
     curve.write_text(json.dumps({"reward": result.reward_name, "mean_per_step": result.rewards}, indent=1))
     files = [str(out / "policy"), str(curve)]
-    from rh_trl.evaluation import pyplot
+    from rh_trl.data.evaluation import pyplot
 
     plt = pyplot()
     if plt is not None:

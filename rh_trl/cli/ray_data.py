@@ -63,7 +63,7 @@ def connect(address: str | None) -> Any:
 
 
 def _rows_as_json(batch: Any) -> dict[str, list[str]]:
-    from rh_trl.cli.score import plain
+    from rh_trl.cli.scoring import plain
 
     return {"row": [json.dumps(plain(row), ensure_ascii=False) for row in batch.to_dict(orient="records")]}
 
@@ -72,7 +72,7 @@ def read_dataset(path: str | os.PathLike) -> Any:
     """A Ray Dataset of the rows of a JSONL, Parquet or JSON file, one column ``row`` holding each row's JSON
     text, in file order (blank JSONL lines are left out, as the local commands do)."""
     ray = import_ray()
-    from rh_trl.datafiles import ROW_SUFFIXES, read_rows
+    from rh_trl.data.files import ROW_SUFFIXES, read_rows
 
     path = Path(path)
     if not path.is_file():
@@ -152,7 +152,7 @@ class ScoreActor:
         self.batch_size = batch_size
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list[Any]]:
-        from rh_trl.cli.score import row_problem, score_rows
+        from rh_trl.cli.scoring import row_problem, score_rows
 
         c = self.columns
         rows, problems = [], []
@@ -196,9 +196,9 @@ class ScoreActor:
 def score_on_ray(args: Any, output: Path, options: RayOptions) -> Any:
     """``rh-trl score --ray``: the local command's output and summary, scored on a Ray Data actor pool; the
     partial output lives in ``<output>.partial/`` until the last block is written."""
-    from rh_trl.cli.annotate import file_sha256
+    from rh_trl.cli.annotation import file_sha256
     from rh_trl.cli.resumable import Progress
-    from rh_trl.cli.score import ScoreSummary, check_writable, write_rows
+    from rh_trl.cli.scoring import ScoreSummary, check_writable, write_rows
 
     load_args = {
         "model": args.model,
@@ -261,7 +261,7 @@ class AnnotateActor:
         self.rewards, self.weights = build_rewards(specs)
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list[Any]]:
-        from rh_trl.cli.annotate import as_completion, combined_scores, row_problem
+        from rh_trl.cli.annotation import as_completion, combined_scores, row_problem
 
         rows, problems = [], []
         for text in batch["row"]:

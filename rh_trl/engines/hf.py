@@ -133,7 +133,7 @@ class HFEngine:
         process needs); prepares the model at the first call."""
         import torch.distributed as dist
 
-        from rh_trl.distributed import current_call
+        from rh_trl.engines.ranks import current_call
         from rh_trl.engines.zero3 import prepare_sharded
 
         call = current_call()

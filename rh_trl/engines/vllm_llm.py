@@ -7,9 +7,11 @@
 * ``enable_sleep_mode=True`` where vLLM has no sleep mode (e.g. on CPU) is refused with a clear message.
 * A sequence longer than the engine takes gets no value (reason ``"too_long"``) instead of failing the
   whole batch, as ``vllm.LLM`` does when one prompt of a call is over its limit.
-* Every engine still running when the interpreter exits is shut down first (``atexit``). Left to vLLM's own
-  finalizers, the engine-core process sometimes exited before its client, and the interpreter then aborted
-  with "terminate called without an active exception" (exit status 134).
+* An engine is shut down, and the thread that reads its outputs joined, when it is closed, collected, or still
+  running at interpreter exit (``weakref.finalize``). Left to vLLM, that daemon thread could still be freeing the
+  last output's tensors when the interpreter finalized; it then tried to take the GIL, was made to exit through
+  torch's C++ frames, and the process aborted with "terminate called without an active exception" (exit status
+  134, about once in ten runs).
 * vLLM starts its engine core with ``spawn``, which imports the main script again in the new process: a script
   that builds an engine outside ``if __name__ == "__main__":`` is refused before anything starts, naming the
   line (:func:`check_main_guard`), instead of dying in Python's bootstrapping error.
@@ -24,10 +26,10 @@ vLLM is an optional dependency: ``pip install 'rh_trl[vllm]'``.
 from __future__ import annotations
 
 import ast
-import atexit
 import logging
 import os
 import sys
+import threading
 import weakref
 from pathlib import Path
 from typing import Any
@@ -36,15 +38,21 @@ logger = logging.getLogger("rh_trl")
 
 _running: weakref.WeakSet[InProcessVLLM] = weakref.WeakSet()
 
+#: how long a shut-down engine's output thread may take to finish
+JOIN_TIMEOUT_S = 30.0
 
-@atexit.register
-def _close_running_engines() -> None:
-    """Shut down the engines still running, before vLLM's own finalizers run at exit."""
-    for engine in list(_running):
-        try:
-            engine.close()
-        except Exception as err:  # exiting anyway: say so, never mask the exit status
-            logger.warning("could not shut down the vLLM engine for %s at exit: %s", engine.model, err)
+
+def shutdown_llm(llm: Any, name: str) -> None:
+    """Shut down a ``vllm.LLM``'s engine core and wait for the thread that reads its outputs to finish."""
+    core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+    try:
+        if core is not None and callable(getattr(core, "shutdown", None)):
+            core.shutdown()
+        thread = getattr(core, "output_queue_thread", None)
+        if isinstance(thread, threading.Thread) and thread is not threading.current_thread():
+            thread.join(JOIN_TIMEOUT_S)
+    except Exception as err:  # shutting down anyway: say so, never mask the exit status
+        logger.warning("could not shut down the vLLM engine for %s: %s", name, err)
 
 
 #: the engines an rh_trl reward takes by name
@@ -181,7 +189,7 @@ def import_vllm() -> Any:
 def checkpoint_dtype(model: str | os.PathLike) -> str:
     """The dtype a checkpoint stores its weights in, as transformers' ``dtype="auto"`` reads it: ``config.json``'s
     ``dtype`` (or the older ``torch_dtype``), float32 when it names none."""
-    from rh_trl.loading import config_dict
+    from rh_trl.models.loading import config_dict
 
     config = config_dict(os.fspath(model))
     value = config.get("dtype") or config.get("torch_dtype")
@@ -217,8 +225,8 @@ class InProcessVLLM:
         runner: vLLM's runner (``"generate"`` or ``"pooling"``).
         dtype: ``"auto"`` (the checkpoint's dtype; see the module doc) or a dtype name.
         enable_sleep_mode: allow :meth:`sleep` / :meth:`wake_up` to share GPUs with training.
-        gpu_memory_utilization, tensor_parallel_size, max_model_len, tokenizer, trust_remote_code,
-            **llm_kwargs: passed to ``vllm.LLM``.
+        gpu_memory_utilization, tensor_parallel_size, max_model_len: passed to ``vllm.LLM``.
+        tokenizer, trust_remote_code, **llm_kwargs: passed to ``vllm.LLM``.
     """
 
     #: tokens the engine needs beyond the sequence itself (a generation step needs one free slot)
@@ -263,6 +271,8 @@ class InProcessVLLM:
         self.max_model_len = int(self.llm.model_config.max_model_len)
         self.asleep = False
         _running.add(self)
+        # at close(), when collected, or at interpreter exit, whichever comes first
+        self._shutdown = weakref.finalize(self, shutdown_llm, self.llm, self.name)
 
     @property
     def max_sequence_length(self) -> int:
@@ -291,8 +301,6 @@ class InProcessVLLM:
             self.asleep = False
 
     def close(self) -> None:
-        """Stop the engine's worker processes now (done at exit for engines still running); idempotent."""
+        """Stop the engine's processes now (otherwise done when it is collected, or at exit); idempotent."""
         _running.discard(self)
-        core = getattr(getattr(self.llm, "llm_engine", None), "engine_core", None)
-        if core is not None and callable(getattr(core, "shutdown", None)):
-            core.shutdown()
+        self._shutdown()

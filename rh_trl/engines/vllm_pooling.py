@@ -62,7 +62,7 @@ def default_pooler(
         return ALL_TOKENS, None
     if task == "classify":
         return None, None
-    from rh_trl.loading import config_dict
+    from rh_trl.models.loading import config_dict
 
     causal = any(a.endswith("ForCausalLM") for a in config_dict(os.fspath(model)).get("architectures") or [])
     if task == "token_embed":

@@ -53,6 +53,7 @@ import threading
 from typing import Any
 
 from rh_trl.engines.http import RetryPolicy, run_sync
+from rh_trl.integrations.verl_columns import sample_columns
 from rh_trl.rewards.remote import RemoteRM
 
 logger = logging.getLogger("rh_trl")
@@ -104,18 +105,6 @@ def _prompt(extra_info: Any, prompt_key: str | None) -> Any:
             "RhTrlRewardManager, which reads verl's raw_prompt"
         )
     return list(value) if not isinstance(value, str) else value
-
-
-def _plain(value: Any) -> Any:
-    """A JSON-friendly copy of a value from verl's non-tensor batch (numpy values become Python ones)."""
-    if hasattr(value, "tolist"):
-        value = value.tolist()
-    return value if isinstance(value, str | int | float | bool | list | dict | type(None)) else str(value)
-
-
-def sample_columns(data_source: Any, ground_truth: Any) -> dict[str, list[Any]]:
-    """One sample's ``data_source`` and ``ground_truth`` as the columns sent with it."""
-    return {"data_source": [_plain(data_source)], "ground_truth": [_plain(ground_truth)]}
 
 
 def _result(value: float | None, rm: RemoteRM, failure_score: float | str | None) -> float:

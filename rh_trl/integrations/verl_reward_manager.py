@@ -20,7 +20,7 @@ from omegaconf import OmegaConf
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from verl.experimental.reward_loop.reward_manager.base import RewardManagerBase
 
-from rh_trl.integrations.verl import sample_columns
+from rh_trl.integrations.verl_columns import sample_columns
 from rh_trl.rewards import factory
 from rh_trl.rewards.base import Reward
 from rh_trl.serve.batcher import DynamicBatcher

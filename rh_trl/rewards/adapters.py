@@ -36,7 +36,7 @@ class ORMAdapter:
         read: ``read(outputs, input_ids, attention_mask) -> Tensor[batch, num_outputs]``.
         suffix: ``suffix(model, tokenizer) -> list[int]``, token ids appended to every sequence.
         trust_remote_code: the model needs its own code from the checkpoint.
-        description: one line for the README / error messages.
+        description: one line for the documentation and error messages.
     """
 
     name: str

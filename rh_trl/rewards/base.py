@@ -25,9 +25,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from rh_trl.distributed import RankCall, RankExchange
+from rh_trl.engines.ranks import RankCall, RankExchange
 from rh_trl.formatting import RewardInputError, Sample, check_batch, to_sample
-from rh_trl.stats import summarize
+from rh_trl.rewards.stats import summarize
 
 logger = logging.getLogger("rh_trl")
 
@@ -87,7 +87,7 @@ class Batch:
     """A validated call: samples (``None`` where a pair could not be read), raw inputs and dataset columns.
 
     ``ranks`` is set when the call is a trainer's call on several processes: this batch is then this process's
-    share, and rewards that need whole groups exchange the rest through it (:mod:`rh_trl.distributed`).
+    share, and rewards that need whole groups exchange the rest through it (:mod:`rh_trl.engines.ranks`).
     """
 
     samples: list[Sample | None]

@@ -34,7 +34,7 @@ from rh_trl.engines.hf import HFEngine
 from rh_trl.engines.http import RetryPolicy, run_sync
 from rh_trl.engines.vllm_llm import engine_kind
 from rh_trl.formatting import RewardInputError, Sample
-from rh_trl.loading import load_model, load_tokenizer, padding_id, temporary_folder
+from rh_trl.models.loading import load_model, load_tokenizer, padding_id, temporary_folder
 from rh_trl.options import deprecated
 from rh_trl.rewards.base import Batch, Reward, RewardOutput
 

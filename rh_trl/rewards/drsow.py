@@ -43,7 +43,7 @@ from rh_trl.engines.batching import reason_counts
 from rh_trl.engines.hf import HFEngine
 from rh_trl.engines.http import RetryPolicy, run_sync
 from rh_trl.formatting import ChatFormatter, RewardInputError, Sample, encode_samples
-from rh_trl.loading import load_model, load_tokenizer, padding_id
+from rh_trl.models.loading import load_model, load_tokenizer, padding_id
 from rh_trl.rewards.base import Batch, Reward, RewardOutput
 
 logger = logging.getLogger("rh_trl")
@@ -182,9 +182,9 @@ class DrSow(Reward):
             float32 when it names none), so both give the same numbers; or a dtype name.
         device, device_map, max_tokens_per_batch, max_batch_size, trust_remote_code, progress: the ``"hf"``
             engine (as in :class:`~rh_trl.rewards.orm.ORM`).
-        strong_model, weak_model, api_key, strong_api_key, weak_api_key, batch_size, max_concurrency, retry,
-            use_prompt_logprobs, transport: the ``"openai"`` engine (see
-            :class:`~rh_trl.engines.openai_logprobs.OpenAILogprobClient`).
+        strong_model, weak_model, api_key, strong_api_key, weak_api_key: the ``"openai"`` engine's served models
+            and keys (see :class:`~rh_trl.engines.openai_logprobs.OpenAILogprobClient`).
+        batch_size, max_concurrency, retry, use_prompt_logprobs, transport: the ``"openai"`` engine's requests.
         gpu_memory_utilization, enable_sleep_mode, tensor_parallel_size, max_model_len, vllm_kwargs: the
             ``"vllm"`` engine (see :class:`~rh_trl.engines.vllm_logprobs.VLLMLogprobEngine`).
         strict: raise on a sample that cannot be read, rendered or scored instead of giving it ``None``.

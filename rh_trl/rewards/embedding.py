@@ -1,7 +1,7 @@
 """Embedding-based reward models: a frozen encoder's vector of (prompt, response), scored by small MLP heads.
 
-The encoder (:class:`~rh_trl.embeddings.TextEncoder`: a sentence encoder with mean pooling, or a causal LM's
-last-token hidden state) is never trained; the heads (:class:`~rh_trl.embedding_heads.EmbeddingHead`) are
+The encoder (:class:`~rh_trl.rewards.text_encoder.TextEncoder`: a sentence encoder with mean pooling, or a causal LM's
+last-token hidden state) is never trained; the heads (:class:`~rh_trl.rewards.embedding_heads.EmbeddingHead`) are
 trained on CPU by ``recipes/train_embedding_rm.py``. With several heads (an ensemble that differs only in
 seeds) the reward is their mean, and their spread goes to TRL's completions table.
 
@@ -21,10 +21,10 @@ from typing import Any
 
 import torch
 
-from rh_trl.embedding_heads import EmbeddingHead, ensemble_scores
-from rh_trl.embeddings import MINILM, EmbeddingCache, TextEncoder
 from rh_trl.formatting import RewardInputError
 from rh_trl.rewards.base import Batch, Reward, RewardOutput, log_encoding
+from rh_trl.rewards.embedding_heads import EmbeddingHead, ensemble_scores
+from rh_trl.rewards.text_encoder import MINILM, EmbeddingCache, TextEncoder
 
 logger = logging.getLogger("rh_trl")
 
@@ -41,9 +41,9 @@ class EmbeddingRM(Reward):
     std; ``normalize=False`` turns it off).
 
     Args:
-        encoder: a :class:`~rh_trl.embeddings.TextEncoder`, or what its ``model`` argument takes (a path, a hub
+        encoder: a :class:`~rh_trl.rewards.text_encoder.TextEncoder`, or what its ``model`` argument takes (a path, a hub
             id, ``"rh_trl:minilm"``, a loaded model), in which case ``encoder_options`` go to its constructor.
-        heads: one :class:`~rh_trl.embedding_heads.EmbeddingHead` or several (an ensemble, averaged).
+        heads: one :class:`~rh_trl.rewards.embedding_heads.EmbeddingHead` or several (an ensemble, averaged).
         name: metric name (default ``embedding_<encoder name>``, made unique).
         normalization: ``(reward_mean, reward_std)`` applied to the heads' mean.
         normalize: ``None`` applies ``normalization`` when given, ``False`` never does.

@@ -5,7 +5,7 @@ A spec is a mapping with a ``type`` and the keyword arguments of that reward's c
     {"type": "orm", "model": "Skywork/Skywork-Reward-V2-Llama-3.1-8B", "max_length": 4096, "name": "skywork"}
 
 ``weight`` is not passed to the class: recipes read it for the trainer's ``reward_weights``. Model arguments
-may be offline names, ``"rh_trl:tiny-rm"`` etc. (see :mod:`rh_trl.loading`), so that configs run end to end
+may be offline names, ``"rh_trl:tiny-rm"`` etc. (see :mod:`rh_trl.models.loading`), so that configs run end to end
 without any download.
 
 Register a type with :func:`register_reward_type`. Classes are named as ``"module:Class"`` strings and
@@ -18,7 +18,7 @@ import importlib
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from rh_trl.loading import OFFLINE_PREFIX
+from rh_trl.models.loading import OFFLINE_PREFIX
 from rh_trl.options import check_options, did_you_mean
 from rh_trl.rewards.base import Reward
 
@@ -70,10 +70,10 @@ def import_target(target: str, what: str = "the reward") -> Any:
 
 def resolve_tiny(options: dict[str, Any]) -> dict[str, Any]:
     """A copy of ``options`` where an offline model name in a model argument (``model``, ``strong``, ``weak``)
-    is what it stands for (:mod:`rh_trl.loading`): a tiny model itself, with its tokenizer as the default of the
+    is what it stands for (:mod:`rh_trl.models.loading`): a tiny model itself, with its tokenizer as the default of the
     matching tokenizer argument, or MiniLM's directory. For deciding a class from the model (:func:`rh_trl.load`);
     the reward classes read the names themselves."""
-    from rh_trl.loading import is_offline_name, offline_model, offline_path
+    from rh_trl.models.loading import is_offline_name, offline_model, offline_path
 
     options = dict(options)
     for model_arg, tokenizer_arg in MODEL_ARGUMENTS.items():

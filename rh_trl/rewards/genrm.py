@@ -22,11 +22,11 @@ from rh_trl.engines.generation import ChatClient, ChatResult, HFGenerator, Token
 from rh_trl.engines.http import RetryPolicy, run_sync
 from rh_trl.engines.vllm_llm import engine_kind
 from rh_trl.formatting import RewardInputError, message_text, plain_conversation, to_sample
-from rh_trl.grouping import call_groups
-from rh_trl.loading import load_model, load_tokenizer
+from rh_trl.models.loading import load_model, load_tokenizer
 from rh_trl.options import deprecated
 from rh_trl.rewards.base import Batch, Reward, RewardOutput
 from rh_trl.rewards.genrm_templates import JudgeTemplate, builtin_template, number_responses
+from rh_trl.rewards.grouping import call_groups
 from rh_trl.rewards.pairwise import find_opponents, group_win_rates, response_text
 
 logger = logging.getLogger("rh_trl")

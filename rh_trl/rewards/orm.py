@@ -16,7 +16,7 @@ from rh_trl.engines.http import RetryPolicy, run_sync
 from rh_trl.engines.vllm_pooling import build_pooling_engine, engine_argument
 from rh_trl.engines.zero3 import check_zero3
 from rh_trl.formatting import ChatFormatter, Encoded, encode_samples, encoding_counts
-from rh_trl.loading import config_dict, load_model, load_tokenizer, padding_id
+from rh_trl.models.loading import config_dict, load_model, load_tokenizer, padding_id
 from rh_trl.rewards.adapters import DEFAULT_ADAPTER, ORMAdapter, adapter_for, get_orm_adapter
 from rh_trl.rewards.base import Batch, Reward, RewardOutput, log_encoding
 

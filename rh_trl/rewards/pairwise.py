@@ -21,7 +21,7 @@ The context is the prompt conversation flattened into ``<turn> {label}`` blocks.
   removed.
 
 Each completion is scored against the other completions of its prompt, wherever they sit in the call
-(:func:`~rh_trl.grouping.prompt_groups`: GRPO's groups, online DPO's two completions per prompt; on several
+(:func:`~rh_trl.rewards.grouping.prompt_groups`: GRPO's groups, online DPO's two completions per prompt; on several
 processes, the whole group across them) and gets its mean win probability; or, when the dataset has a reference
 column, its win probability against that reference.
 """
@@ -44,9 +44,10 @@ from rh_trl.engines.http import RetryPolicy, run_sync
 from rh_trl.engines.vllm_pooling import build_pooling_engine, engine_argument
 from rh_trl.engines.zero3 import check_zero3
 from rh_trl.formatting import RewardInputError, message_text, to_sample
-from rh_trl.grouping import CallGroups, call_groups
-from rh_trl.loading import load_model, load_tokenizer, padding_id
+from rh_trl.models.catalog import hub_id_from_path, lookup, resolve_target
+from rh_trl.models.loading import load_model, load_tokenizer, padding_id
 from rh_trl.rewards.base import Batch, Reward, RewardOutput
+from rh_trl.rewards.grouping import CallGroups, call_groups
 
 logger = logging.getLogger("rh_trl")
 
@@ -112,12 +113,13 @@ def get_layout(layout: str | PairLayout) -> PairLayout:
 def registered_layout(name: str | os.PathLike | None) -> str | PairLayout | None:
     """The ``layout`` the model registry gives a model's hub id for :class:`PairwisePM` (``name`` is a hub id
     or a hub-cache snapshot path, e.g. a loaded model's ``name_or_path``); ``None`` when it gives none."""
-    from rh_trl.registry import hub_id_from_path, lookup  # the registry imports this module
-
     if not name:
         return None
     entry = lookup(hub_id_from_path(name) or os.fspath(name))
-    if entry is None or not (isinstance(entry.target, type) and issubclass(entry.target, PairwisePM)):
+    if entry is None or entry.target is None:
+        return None
+    target = resolve_target(entry.target)
+    if not (isinstance(target, type) and issubclass(target, PairwisePM)):
         return None
     return entry.options.get("layout")
 
@@ -147,7 +149,7 @@ class Opponents:
     """The comparisons a batch needs: each sample's opponents, as other completions or reference texts.
 
     ``groups`` holds the call's groups (each sample is compared with the other members of its group; on several
-    processes, the groups of the whole call, see :func:`~rh_trl.grouping.call_groups`); ``references`` is set
+    processes, the groups of the whole call, see :func:`~rh_trl.rewards.grouping.call_groups`); ``references`` is set
     instead when every sample is compared with its own reference response.
     """
 
@@ -166,7 +168,7 @@ def find_opponents(
     batch: Batch, group_size: int | None, reference_column: str | None, name: str
 ) -> Opponents:
     """The comparisons for a batch: against ``batch.columns[reference_column]`` when the call has that column,
-    else among the completions of the same prompt in the whole call (:func:`~rh_trl.grouping.call_groups`;
+    else among the completions of the same prompt in the whole call (:func:`~rh_trl.rewards.grouping.call_groups`;
     ``group_size`` switches to consecutive runs)."""
     if reference_column is not None and batch.columns.get(reference_column) is not None:
         refs = list(batch.columns[reference_column])

@@ -30,7 +30,7 @@ from rh_trl.engines.http import MalformedResponse, RetryPolicy, run_sync
 from rh_trl.engines.vllm_pooling import build_pooling_engine, engine_argument, rows_at_steps
 from rh_trl.engines.zero3 import check_zero3
 from rh_trl.formatting import RewardInputError
-from rh_trl.loading import config_dict, load_model, load_tokenizer, padding_id
+from rh_trl.models.loading import config_dict, load_model, load_tokenizer, padding_id
 from rh_trl.rewards.base import Batch, Reward, RewardOutput
 from rh_trl.rewards.prm_layout import (
     KINDS,
@@ -153,8 +153,8 @@ class PRM(Reward):
             :class:`~rh_trl.engines.vllm_pooling.VLLMPoolingClient`).
         dtype: ``"auto"`` (default) is the checkpoint's own dtype on every engine; or a dtype name.
         chat_template, chat_template_kwargs: replace the tokenizer's template / pass arguments to it.
-        name, strict, progress, device, device_map, dtype, max_tokens_per_batch, max_batch_size,
-            trust_remote_code, zero3: as for :class:`~rh_trl.rewards.orm.ORM`.
+        name, strict, progress, device, device_map: as for :class:`~rh_trl.rewards.orm.ORM`.
+        max_tokens_per_batch, max_batch_size, trust_remote_code, zero3: as for :class:`~rh_trl.rewards.orm.ORM`.
     """
 
     def __init__(

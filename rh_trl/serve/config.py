@@ -234,8 +234,8 @@ def build_reward(spec: RewardSpec) -> Reward:
             options["tokenizer"] = spec.tokenizer
         reward: Any = factory.build_reward({"type": spec.type, "model": spec.model, **options})
     elif spec.type == "tiny":
+        from rh_trl.models.offline import bpe_tokenizer, tiny_reward_model
         from rh_trl.rewards.orm import ORM
-        from rh_trl.testing import bpe_tokenizer, tiny_reward_model
 
         style = options.pop("style", "llama")
         model_kwargs = {k: options.pop(k) for k in ("seed", "layers", "hidden", "heads") if k in options}

@@ -1,13 +1,13 @@
-"""Stand-ins for tests, the quickstart and benchmarks, all offline.
+"""Test helpers, all offline.
 
-* :mod:`rh_trl.testing.tiny_models`: real tokenizers (byte-level BPE trained on the bundled prompts, MiniLM's
-  WordPiece) and tiny random models built from configs; the offline names ``rh_trl:tiny-rm`` etc. resolve here.
+* The tiny models and tokenizers of :mod:`rh_trl.models.offline` (product code: the offline names
+  ``rh_trl:tiny-rm`` etc. resolve there), under the names tests and benchmarks use.
 * :mod:`rh_trl.testing.openai_compat_server`: a small OpenAI-compatible completions server backed by a
   transformers model, standing in for ``vllm serve`` in the fast tests and benchmarks (the real one is tested in
-  the vLLM stage).
+  the vLLM stage). Nothing in the package imports it.
 """
 
-from rh_trl.testing.tiny_models import (
+from rh_trl.models.offline import (
     CHATML_TEMPLATE,
     LLAMA_STYLE_TEMPLATE,
     TINY_MODELS,

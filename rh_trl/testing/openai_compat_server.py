@@ -617,7 +617,7 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.torch_threads)
     from transformers import AutoModelForCausalLM
 
-    from rh_trl.loading import load_model, load_tokenizer
+    from rh_trl.models.loading import load_model, load_tokenizer
 
     model = load_model(args.model, AutoModelForCausalLM, dtype=args.dtype, device=args.device)
     tokenizer = load_tokenizer(args.tokenizer, model)

@@ -25,7 +25,7 @@ torch.set_num_threads(1)
 
 import rh_trl  # noqa: E402
 from rh_trl.callbacks import NormalizedReward, WithStatistics  # noqa: E402
-from rh_trl.distributed import DistributedRewardError  # noqa: E402
+from rh_trl.engines.ranks import DistributedRewardError  # noqa: E402
 
 P1 = [{"role": "user", "content": "Write one sentence about the moon."}]
 P2 = [{"role": "user", "content": "Name three things related to coffee."}]

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from rh_trl.loading import offline_model
+from rh_trl.models.loading import offline_model
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 pytest.importorskip(

@@ -58,11 +58,11 @@ def logprobs_vllm(llm, ids: list[int]) -> list[float]:
 
 def main() -> None:
     policy_dir, orm_dir, out = sys.argv[1], sys.argv[2], Path(sys.argv[3])
-    from _common import RewardArguments, build_reward_functions, load_prompts
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import GRPOConfig, GRPOTrainer, ModelConfig, TrlParser
 
     from rh_trl.integrations.trl_vllm import prepare_colocate
+    from rh_trl.training.online import RewardArguments, build_reward_functions, load_prompts
 
     engine = {"gpu_memory_utilization": 0.3, "max_model_len": 256, "enforce_eager": True}
     cpu = {

@@ -11,7 +11,7 @@ from rh_trl import CLoud, CLoudModel, GenRM, JudgeTemplate
 from rh_trl.engines.generation import HFGenerator
 from rh_trl.engines.http import ModelNotServedError
 from rh_trl.engines.vllm_generation import VLLMGenerator
-from rh_trl.loading import load_tokenizer
+from rh_trl.models.loading import load_tokenizer
 from rh_trl.rewards.genrm_templates import ListParser
 from tests.conftest import CONV_COMPLETIONS, CONV_PROMPTS
 from tests.vllm.conftest import ENGINE_KWARGS

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from rh_trl import EmbeddingRM, PairwisePM, TextEncoder
-from rh_trl.embedding_heads import EmbeddingHead
 from rh_trl.engines.vllm_pooling import VLLMPoolingEngine
 from rh_trl.formatting import to_sample
-from rh_trl.loading import minilm_path
+from rh_trl.models.loading import minilm_path
+from rh_trl.rewards.embedding_heads import EmbeddingHead
 from tests.conftest import CONV_COMPLETIONS, CONV_PROMPTS
 from tests.vllm.conftest import ENGINE_KWARGS, max_diff
 

@@ -24,7 +24,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from rh_trl.datafiles import parse_json, parse_jsonl, read_text
+from rh_trl.data.files import parse_json, parse_jsonl, read_text
 from rh_trl.formatting import ChatFormatter, Conversation, RewardInputError, to_sample
 
 logger = logging.getLogger("rh_trl")

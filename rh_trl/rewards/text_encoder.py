@@ -49,7 +49,7 @@ from rh_trl.formatting import (
     encoding_counts,
     to_sample,
 )
-from rh_trl.loading import MINILM, config_dict, load_model, load_tokenizer, offline_path, padding_id
+from rh_trl.models.loading import MINILM, config_dict, load_model, load_tokenizer, offline_path, padding_id
 
 logger = logging.getLogger("rh_trl")
 
@@ -526,7 +526,7 @@ class TextEncoder:
     ) -> tuple[torch.Tensor, torch.Tensor, dict[str, int]]:
         """Vectors of the chosen and of the rejected response of every preference pair (``[n, dim]`` each).
 
-        Pairs come from :func:`rh_trl.preference_data.load_pairs`; a side that cannot be rendered raises,
+        Pairs come from :func:`rh_trl.data.preferences.load_pairs`; a side that cannot be rendered raises,
         naming the pair.
         """
         samples: list[Sample | None] = []

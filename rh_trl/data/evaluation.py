@@ -10,7 +10,7 @@ from tqdm.auto import tqdm
 
 RewardFn = Callable[..., list[float | None]]
 
-#: RewardBench sections and the subsets (as named by :func:`rh_trl.preference_data.load_pairs` users) in each;
+#: RewardBench sections and the subsets (as named by :func:`rh_trl.data.preferences.load_pairs` users) in each;
 #: a section's score is the example-weighted accuracy of its subsets, the overall score the mean of sections.
 SECTIONS: dict[str, tuple[str, ...]] = {
     "chat_hard": (

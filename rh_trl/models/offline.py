@@ -193,7 +193,7 @@ def tiny_model(name: str, seed: int = 0) -> tuple[Any, Any]:
     ``"tiny-rm"``: a sequence-classification RM with a ChatML tokenizer; ``"tiny-policy"``: a causal LM with the
     Llama-style tokenizer; ``"tiny-lm-chatml"``: a causal LM with the ChatML tokenizer (e.g. a second model
     whose tokenizer differs from the policy's). The same names, prefixed ``"rh_trl:"``, are accepted wherever a
-    model path is (:mod:`rh_trl.loading`).
+    model path is (:mod:`rh_trl.models.loading`).
     """
     _, _, head, offset = _tiny_spec(name)
     tokenizer = tiny_tokenizer(name)
