@@ -5,8 +5,8 @@
 #   bash .ci/latest.sh         (about 20 minutes on 2 cores; prints the versions it resolved)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-source .ci/lib.sh
 export RH_TRL_CI_LATEST=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PIP_DISABLE_PIP_VERSION_CHECK=1
+source .ci/lib.sh  # after RH_TRL_CI_LATEST: it reads the mode when sourced
 unset PIP_CONSTRAINT
 
 test_command=$(awk '/<!-- test-command -->/{found=1; next} found && /^```/{if (inside) exit; inside=1; next} found && inside {print}' README.md)

@@ -207,7 +207,7 @@ class CLoud(Reward):
         if critique_url is not None:
             deprecated(
                 "CLoud(model, critique_url=URL, critique_model=NAME)",
-                "CLoud(URL, tokenizer=model, engine='openai', served_model=NAME)",
+                "CLoud(URL, checkpoint=model, engine='openai', served_model=NAME)",
             )
             engine, urls, served_model = "openai", critique_url, critique_model or served_model
         elif engine == "openai":
