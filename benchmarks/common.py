@@ -10,6 +10,9 @@ import math
 import os
 import platform
 import random
+import socket
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,6 +22,16 @@ from typing import Any
 import torch
 
 from rh_trl.testing import bundled_prompts
+
+#: model shapes (random weights) of the engine benchmarks' ``--preset``; "tiny" runs anywhere, the others on a GPU
+MODEL_PRESETS = {
+    "tiny": {"hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 4, "num_attention_heads": 4,
+             "num_key_value_heads": 4},
+    "qwen2.5-1.5b": {"hidden_size": 1536, "intermediate_size": 8960, "num_hidden_layers": 28,
+                     "num_attention_heads": 12, "num_key_value_heads": 2},
+    "llama3-8b": {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+                  "num_attention_heads": 32, "num_key_value_heads": 8},
+}  # fmt: skip
 
 
 def lognormal_lengths(n: int, median: int, max_len: int, sigma: float = 0.9, seed: int = 0) -> list[int]:
@@ -110,3 +123,42 @@ def write_result(
     }
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps(result, indent=1) + "\n")
+
+
+def start_vllm_serve(
+    path: Path,
+    served_name: str,
+    log: Path,
+    *,
+    dtype: str,
+    max_model_len: int,
+    gpu_memory_utilization: float,
+    extra: tuple[str, ...] = (),
+) -> tuple[subprocess.Popen, str]:
+    """Start ``vllm serve`` for the checkpoint at ``path`` on a free local port (output to ``log``) and wait until
+    ``/health`` answers; returns the process and its base URL."""
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    command = [
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(path),
+        "--served-model-name", served_name, "--host", "127.0.0.1", "--port", str(port), "--dtype", dtype,
+        "--max-model-len", str(max_model_len), "--gpu-memory-utilization", str(gpu_memory_utilization), *extra,
+    ]  # fmt: skip
+    with log.open("w") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 900
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"vllm serve exited with {process.returncode}; see {log}")
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return process, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    process.kill()
+    raise RuntimeError(f"vllm serve did not start within 15 minutes; see {log}")

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -29,15 +28,8 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
 os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-#: reward-model shapes (random weights) for GPU runs; "tiny" runs anywhere
-PRESETS = {
-    "tiny": {"hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 4, "num_attention_heads": 4,
-             "num_key_value_heads": 4},
-    "qwen2.5-1.5b": {"hidden_size": 1536, "intermediate_size": 8960, "num_hidden_layers": 28,
-                     "num_attention_heads": 12, "num_key_value_heads": 2},
-    "llama3-8b": {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
-                  "num_attention_heads": 32, "num_key_value_heads": 8},
-}  # fmt: skip
+from common import MODEL_PRESETS as PRESETS  # noqa: E402
+from common import start_vllm_serve
 
 
 def parse_args() -> argparse.Namespace:
@@ -92,36 +84,6 @@ def timed(fn):
     return value, time.perf_counter() - start
 
 
-def start_vllm_serve(path: Path, args: argparse.Namespace, log: Path) -> tuple[subprocess.Popen, str]:
-    import socket
-
-    import httpx
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    command = [
-        sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(path), "--runner", "pooling",
-        "--served-model-name", "rm", "--host", "127.0.0.1", "--port", str(port), "--dtype", args.dtype,
-        "--max-model-len", str(args.max_model_len), "--gpu-memory-utilization", str(args.gpu_memory_utilization),
-    ]  # fmt: skip
-    with log.open("w") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 900
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"vllm serve exited with {process.returncode}; see {log}")
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return process, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    process.kill()
-    raise RuntimeError(f"vllm serve did not start within 15 minutes; see {log}")
-
-
 def main() -> None:
     args = parse_args()
     import torch
@@ -172,7 +134,15 @@ def main() -> None:
             rows.append(("rh_trl.ORM, engine='vllm'", *score(in_process)))
             in_process.engine.close()
             del in_process
-            process, url = start_vllm_serve(path, args, Path(tmp) / "serve.log")
+            process, url = start_vllm_serve(
+                path,
+                "rm",
+                Path(tmp) / "serve.log",
+                dtype=args.dtype,
+                max_model_len=args.max_model_len,
+                gpu_memory_utilization=args.gpu_memory_utilization,
+                extra=("--runner", "pooling"),
+            )
             try:
                 served = rh_trl.ORM(
                     url, engine="openai", tokenizer=str(path), served_model="rm", name="served"
