@@ -34,7 +34,7 @@ from typing import Any, Literal
 import torch
 
 from rh_trl.engines.batching import Reason, deduplicate, run_fitting
-from rh_trl.engines.http import MalformedResponse
+from rh_trl.engines.http import MalformedResponse, run_sync
 from rh_trl.engines.logprobs import TokenMismatchError
 from rh_trl.engines.server_batches import SequenceBatchClient
 from rh_trl.engines.vllm_llm import InProcessVLLM, engine_kind, import_vllm
@@ -249,6 +249,16 @@ def engine_argument(
             )
         return "vllm", engine
     return engine_kind(engine), None
+
+
+def pooled_rows(
+    engine: VLLMPoolingEngine | VLLMPoolingClient, sequences: Sequence[Sequence[int]]
+) -> tuple[list[torch.Tensor | None], list[Reason]]:
+    """Each sequence's pooled rows, or ``None`` and the reason, from an in-process engine or a server's client
+    alike (the client's requests run to completion here)."""
+    if isinstance(engine, VLLMPoolingClient):
+        return run_sync(engine.run(sequences))
+    return engine.run(sequences)
 
 
 def build_pooling_engine(

@@ -40,8 +40,8 @@ import torch
 from rh_trl.engines.batching import reason_counts
 from rh_trl.engines.chosen_logits import ChosenLogits
 from rh_trl.engines.hf import HFEngine
-from rh_trl.engines.http import RetryPolicy, run_sync
-from rh_trl.engines.vllm_pooling import build_pooling_engine, engine_argument
+from rh_trl.engines.http import RetryPolicy
+from rh_trl.engines.vllm_pooling import build_pooling_engine, engine_argument, pooled_rows
 from rh_trl.engines.zero3 import check_zero3
 from rh_trl.formatting import RewardInputError, message_text, to_sample
 from rh_trl.models.catalog import hub_id_from_path, lookup, resolve_target
@@ -515,10 +515,7 @@ class PairwisePM(Reward):
             return self.engine.run(seqs, _read_choices), [None] * len(seqs)
         if not seqs:
             return [], []
-        if self.engine_kind == "openai":
-            hidden, reasons = run_sync(self.engine.run(seqs))
-        else:
-            hidden, reasons = self.engine.run(seqs)
+        hidden, reasons = pooled_rows(self.engine, seqs)
         return [None if h is None else self.chosen(h) for h in hidden], reasons
 
     def compare_many(

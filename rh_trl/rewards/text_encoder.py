@@ -37,9 +37,9 @@ import torch
 
 from rh_trl.engines.batching import reason_counts
 from rh_trl.engines.hf import HFEngine, Reader
-from rh_trl.engines.http import RetryPolicy, run_sync
+from rh_trl.engines.http import RetryPolicy
 from rh_trl.engines.vllm_llm import engine_kind
-from rh_trl.engines.vllm_pooling import build_pooling_engine, engine_argument
+from rh_trl.engines.vllm_pooling import build_pooling_engine, engine_argument, pooled_rows
 from rh_trl.formatting import (
     ChatFormatter,
     Encoded,
@@ -502,10 +502,7 @@ class TextEncoder:
         """One vector per sequence from the engine (NaN where it gave none), and the reasons counted."""
         if self.engine_kind == "hf":
             return list(self.engine.run(sequences, self.read)), {}
-        if self.engine_kind == "openai":
-            rows, reasons = run_sync(self.engine.run(sequences))
-        else:
-            rows, reasons = self.engine.run(sequences)
+        rows, reasons = pooled_rows(self.engine, sequences)
         missing = torch.full((self.dim,), float("nan"))
         return [missing if r is None else r.float() for r in rows], reason_counts(reasons)
 
