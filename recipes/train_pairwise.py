@@ -21,7 +21,6 @@ are merged before saving.
 
 from __future__ import annotations
 
-import gc
 import json
 import logging
 import os
@@ -50,6 +49,7 @@ from rh_trl.rewards.pairwise import (
     render_comparison,
     response_text,
 )
+from rh_trl.training.stages import free_memory
 
 logger = logging.getLogger("rh_trl.train_pairwise")
 
@@ -364,9 +364,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     is_main, device = _train_and_save(model, tokenizer, training_args, model_args, train_rows, eval_rows)
     del model
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    free_memory()
     if not is_main:
         return summary
 
