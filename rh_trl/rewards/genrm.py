@@ -175,34 +175,31 @@ class GenRM(Reward):
             raise ValueError(
                 "GenRM needs a judge: model=… (a path or hub id, or a server URL with engine='openai')"
             )
-        elif engine == "vllm":
-            from rh_trl.engines.vllm_generation import VLLMGenerator
+        else:  # generation in this process: the same decoding settings on either engine
+            sampling = {
+                "max_new_tokens": max_new_tokens,
+                "do_sample": temperature > 0,
+                "temperature": temperature if temperature > 0 else 1.0,
+                "top_p": top_p,
+            }
+            if engine == "vllm":
+                from rh_trl.engines.vllm_generation import VLLMGenerator
 
-            self.generator = VLLMGenerator(
-                model,
-                load_tokenizer(tokenizer if tokenizer is not None else model, None),
-                max_new_tokens=max_new_tokens,
-                do_sample=temperature > 0,
-                temperature=temperature if temperature > 0 else 1.0,
-                top_p=top_p,
-                seed=seed,
-                dtype=dtype,
-                **(vllm_kwargs or {}),
-            )
-        else:
-            from transformers import AutoModelForCausalLM
+                self.generator = VLLMGenerator(
+                    model,
+                    load_tokenizer(tokenizer if tokenizer is not None else model, None),
+                    seed=seed,
+                    dtype=dtype,
+                    **sampling,
+                    **(vllm_kwargs or {}),
+                )
+            else:
+                from transformers import AutoModelForCausalLM
 
-            lm = load_model(model, AutoModelForCausalLM, dtype=dtype, device=device)
-            self.generator = HFGenerator(
-                lm,
-                load_tokenizer(tokenizer, lm),
-                max_new_tokens=max_new_tokens,
-                do_sample=temperature > 0,
-                temperature=temperature if temperature > 0 else 1.0,
-                top_p=top_p,
-                batch_size=batch_size,
-                progress=progress,
-            )
+                lm = load_model(model, AutoModelForCausalLM, dtype=dtype, device=device)
+                self.generator = HFGenerator(
+                    lm, load_tokenizer(tokenizer, lm), batch_size=batch_size, progress=progress, **sampling
+                )
         self.engine = self.client or self.generator
         super().__init__(
             name=name, default_name=f"genrm_{_judge_label(self.engine, model, served_model)}", strict=strict
